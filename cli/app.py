@@ -1,0 +1,209 @@
+"""The `wisemem` command: each command parses, calls one porcelain verb, renders the result."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from memstore import porcelain
+from memstore.errors import WisememError
+
+from . import render
+from .errors import exit_code
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="A versioned knowledge-memory store for LLMs: commit edits, mount, generate.")
+
+
+class State:
+    store: Optional[str] = None
+
+
+state = State()
+
+StoreOpt = typer.Option(None, "--store", help="store directory (default: $WISEMEM_DIR or ./.wisemem)")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON on stdout")
+SetOpt = typer.Option([], "--set", help="hyperparameter override key=value (repeatable)")
+ConfigOpt = typer.Option(None, "--config", help="YAML or JSON file of hyperparameters")
+
+
+@app.callback()
+def main_options(store: Optional[str] = StoreOpt) -> None:
+    state.store = store
+
+
+def _store(local: Optional[str]) -> Optional[str]:
+    return local or state.store
+
+
+@app.command()
+def init(
+    model: Optional[str] = typer.Option(None, "--model", help="Hugging Face id or local path (default: embedded SmolLM2-135M-Instruct)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="index of the edited layer (default: 60% of depth)"),
+    module: Optional[str] = typer.Option(None, "--module", help="edited module path with {L}, for unknown architectures"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
+    chat_template: bool = typer.Option(False, "--chat-template", help="edit through the tokenizer's chat template"),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Create a store bound to a base model."""
+    overrides = porcelain.parse_overrides(set_)
+    if chat_template:
+        overrides["chat_template"] = True
+    with render.err.status("loading model and creating store"):
+        result = porcelain.init(_store(store), model_id=model, layer=layer, module=module, device=device, dtype=dtype,
+                                config_file=str(config) if config else None, overrides=overrides)
+    if json_out:
+        return render.emit_json(result)
+    render.out.print(f"Initialized wisemem store in {result.path}")
+    render.out.print(f"  model  {result.model_id}\n  module {result.module_path} (layer {result.layer})")
+
+
+@app.command()
+def commit(
+    edits_file: Path = typer.Argument(..., help="JSONL file, one edit per line (schemas/edit.schema.json)"),
+    message: Optional[str] = typer.Option(None, "-m", "--message", help="commit message"),
+    set_: list[str] = SetOpt,
+    lock_timeout: float = typer.Option(30.0, "--lock-timeout", help="seconds to wait for another writer"),
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Train edits into the memory and record them as a commit."""
+    with render.progress("editing") as update:
+        result = porcelain.commit(_store(store), edits_file, message=message, overrides=porcelain.parse_overrides(set_),
+                                  lock_timeout=lock_timeout, progress=update)
+    if json_out:
+        return render.emit_json(result)
+    render.out.print(f"[{result.commit_id[:12]}] {result.n_edits} edit(s) committed; {result.total_edits} live edit(s) "
+                     f"in {result.shards} shard(s); router threshold {result.threshold:.3f}")
+
+
+@app.command()
+def log(
+    ref: str = typer.Argument("HEAD"),
+    oneline: bool = typer.Option(False, "--oneline", help="one line per commit"),
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show the commit history."""
+    commits = porcelain.log(_store(store), ref)
+    if json_out:
+        return render.emit_json(commits)
+    if not commits:
+        render.out.print("no commits yet")
+    for c in commits:
+        if oneline:
+            render.out.print(f"{c.id[:12]} {c.message}")
+        else:
+            render.out.print(f"[yellow]commit {c.id}[/yellow]\nAuthor: {c.author}\nDate:   {c.created_at}\n"
+                             f"Edits:  {c.n_edits} ({c.method})\n\n    {c.message}\n")
+
+
+@app.command()
+def mount(
+    ref: str = typer.Argument("HEAD", help="ref to pin; HEAD follows new commits"),
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Select the memory state that generate and the Python API use."""
+    result = porcelain.mount(_store(store), ref)
+    if json_out:
+        return render.emit_json(result)
+    where = result.commit_id[:12] if result.commit_id else "no commits yet"
+    render.out.print(f"mounted {result.ref} ({where})" + (" — follows new commits" if result.ref == "HEAD" else ""))
+
+
+@app.command()
+def unmount(store: Optional[str] = StoreOpt, json_out: bool = JsonOpt) -> None:
+    """Answer with the bare base model until the next mount."""
+    result = porcelain.unmount(_store(store))
+    if json_out:
+        return render.emit_json(result)
+    render.out.print("unmounted: generate uses the bare model")
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(..., help="one or more prompts"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", "-n", min=1),
+    no_memory: bool = typer.Option(False, "--no-memory", help="answer with the bare model"),
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Greedy continuation of each prompt with the mounted memory."""
+    results = porcelain.generate(_store(store), prompts, max_new_tokens=max_new_tokens, memory=not no_memory)
+    if json_out:
+        return render.emit_json(results)
+    for g in results:
+        if len(results) > 1:
+            render.out.print(f"[bold]{g.prompt}[/bold]", end="")
+        render.out.print(g.text, markup=False)
+
+
+@app.command("eval")
+def eval_(
+    data: Path = typer.Argument(..., help="edits file or benchmark JSON (ZsRE, CounterFact, ...)"),
+    n_edits: int = typer.Option(10, "-T", help="edits applied sequentially before evaluating"),
+    chunks: int = typer.Option(1, "--chunks", help="disjoint T-sized chunks, each on a fresh memory, averaged"),
+    method: str = typer.Option("wise-merge", "--method", help="wise-merge"),
+    model: Optional[str] = typer.Option(None, "--model", help="model id/path (default: the store's, else embedded)"),
+    layer: Optional[int] = typer.Option(None, "--layer"),
+    irrelevant: Optional[Path] = typer.Option(None, "--irrelevant", help="file of irrelevant prompts (records' loc/locality_prompt or lines)"),
+    no_generation: bool = typer.Option(False, "--no-generation", help="skip generation exact match"),
+    plain: bool = typer.Option(False, "--plain", help="train with the plain full-model loop (speed baseline)"),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("fp32", "--dtype"),
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Apply the first T edits of DATA sequentially to a fresh memory, then measure Rel/Gen/Loc."""
+    from memstore.evaluate.api import evaluate
+
+    overrides = porcelain.load_config_file(config)
+    overrides.update(porcelain.parse_overrides(set_))
+    with render.progress(f"editing (T={n_edits}, chunks={chunks})", enabled=True) as update:
+        result = evaluate(data, n_edits=n_edits, chunks=chunks, method=method, model_id=model, layer=layer,
+                          irrelevant_file=irrelevant, generation=not no_generation, plain=plain, overrides=overrides,
+                          device=device, dtype=dtype, store=_store(store), progress=update)
+    if json_out:
+        return render.emit_json(result)
+    render.out.print(f"{result['method']}  T={result['n_edits']} x {result['chunks']} chunk(s)  on {result['data']}")
+    for key in ("reliability", "generalization", "locality", "generation_exact_match", "rephrase_exact_match",
+                "seconds_per_edit"):
+        value = result.get(key)
+        render.out.print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except WisememError as exc:
+        render.err.print(f"wisemem: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exit_code(exc))
+    except KeyboardInterrupt:
+        render.err.print("wisemem: interrupted; the store is unchanged unless a commit was reported")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: reliability, generalization, locality, generation exact match (ALGORITHMS.md §4)."""

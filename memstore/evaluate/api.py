@@ -1,0 +1,72 @@
+"""`wisemem eval`: load the model and data, run the sequential protocol, return a JSON-able dict."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..edits import read_edits
+from ..errors import ConfigError, EditFileError
+from ..model import EMBEDDED_MODEL, find_edit_site, load_model
+from .runner import run_eval
+
+METHODS = ("wise-merge",)
+
+
+def irrelevant_prompts(path: str | os.PathLike) -> list[str]:
+    """Irrelevant prompts for the router margin: a benchmark/edits file (its loc prompts) or plain lines."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            edits, _ = read_edits(p, skip_invalid=True)
+        except EditFileError:
+            edits = []
+        prompts = [e.locality_prompt for e in edits if e.locality_prompt]
+        if prompts:
+            return prompts
+        raise ConfigError(f"{path}: no locality prompts (loc / locality_prompt) found to use as irrelevant prompts")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def evaluate(data: str | os.PathLike, *, n_edits: int, chunks: int = 1, method: str = "wise-merge",
+             model_id: str | None = None, layer: int | None = None, irrelevant_file: str | os.PathLike | None = None,
+             generation: bool = True, plain: bool = False, overrides: dict[str, Any] | None = None,
+             device: str = "cpu", dtype: str = "fp32", store: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    from ..porcelain import background_prompts, make_config, store_path
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown --method '{method}'; available: {', '.join(METHODS)}")
+    if n_edits < 1 or chunks < 1:
+        raise ConfigError("-T and --chunks must be at least 1")
+    edits, skipped = read_edits(data, skip_invalid=True)
+    needed = n_edits * chunks
+    if needed > len(edits):
+        raise ConfigError(f"-T {n_edits} x {chunks} chunk(s) needs {needed} edits; {data} has {len(edits)} usable")
+    hyper = dict(overrides or {})
+    if model_id is None and (store_path(store) / "catalog.sqlite").exists():
+        from ..store import Store
+
+        with Store.open(store_path(store)) as s:  # evaluate on the store's own model and layer
+            model_id, layer = s.binding["model_id"], layer if layer is not None else s.binding["layer"]
+    model, tokenizer = load_model(model_id, device=device, dtype=dtype)
+    site = find_edit_site(model, layer)
+    config = make_config(getattr(model.config, "model_type", None), hyper)
+    irrelevant = irrelevant_prompts(irrelevant_file) if irrelevant_file else background_prompts()
+    start = time.perf_counter()
+    result = run_eval(model, tokenizer, site, edits, config, irrelevant, n_edits=n_edits, chunks=chunks,
+                      generation=generation, plain=plain, progress=progress)
+    out = result.to_dict()
+    out.update({
+        "data": str(data), "skipped_records": skipped, "model": model_id or EMBEDDED_MODEL, "layer": site.layer,
+        "module": site.module_path, "plain": plain, "wall_seconds": time.perf_counter() - start,
+        "irrelevant": str(irrelevant_file) if irrelevant_file else "built-in background prompts",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device, "dtype": dtype},
+    })
+    return json.loads(json.dumps(out, default=str))

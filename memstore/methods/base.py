@@ -1,0 +1,109 @@
+"""The editing-method interface: a method fits shards on edits and builds the layer that serves them.
+
+A method is a package under memstore/methods/ that registers itself (see registry.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters. Subclasses add fields with `help` metadata."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise ConfigError(f"unknown hyperparameter(s) {bad}; known: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+class RoutingState:
+    """Per-forward routing context shared by the model hook and the memory layer.
+
+    `positions` (B, T) marks the tokens that decide a row's route (the prompt, not padding);
+    during cached generation `held` keeps the prefill decision for every generated token.
+    """
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+        self.prefill: bool = True
+        self.held: torch.Tensor | None = None
+        self.override: torch.Tensor | None = None  # set by `route_on` for teacher-forced eval
+
+    def reset(self) -> None:
+        self.positions, self.prefill, self.held = None, True, None
+
+
+class MemoryLayer(nn.Module):
+    """Wraps the edited projection; never mutates it. `base_layer` is the exact original module."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = RoutingState()
+        self.enabled = True
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def route_positions(self, scores: torch.Tensor) -> torch.Tensor:
+        """Mask (B, T) of the tokens whose scores decide each row's route."""
+        mask = self.routing.override if self.routing.override is not None else self.routing.positions
+        if mask is None or mask.shape != scores.shape:
+            return torch.ones_like(scores, dtype=torch.bool)
+        return mask.to(scores.device, torch.bool)
+
+
+@dataclass
+class ShardPayload:
+    """What a method stores for one shard: named tensors plus JSON-able metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class EditingMethod(Protocol):
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+
+    def make_layer(self, base: nn.Module, payloads: Sequence[ShardPayload]) -> MemoryLayer: ...

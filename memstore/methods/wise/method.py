@@ -1,0 +1,286 @@
+"""WISE editing: train knowledge shards of a side memory, merge them, set the router threshold.
+
+WISE (arXiv 2405.14768) §3. For each edit the side memory's current shard tau (restricted to
+its random mask M_i, rho = mask_ratio) is trained with
+    L = L_edit + [D(x_i) - alpha]+ + [beta - D(x_e)]+ + [D(x_i) - D(x_e) + gamma]+
+where L_edit is the target cross-entropy over the prompt in 11 contexts and D is the
+activation score. Only the stack above the edited layer runs per step (upper.py); the LM head
+runs on target positions only; the 11 contexts and the irrelevant prompt form one batch;
+training stops early once the loss is met. Run: `wisemem eval ../shared/data/zsre/... -T 100`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...edits import Edit
+from ...merge import get_merge_method
+from ...model import EditSite, weight_matrix
+from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids, target_ids
+from ..attach import attached
+from ..upper import UpperStack, module_inputs
+from .config import WiseConfig
+from .layer import WiseLayer
+
+import os
+_DEBUG = bool(os.environ.get("WISEMEM_DEBUG"))
+
+
+def reduce_scores(scores: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Row activation score (B,) from per-token scores (B, T) over the masked tokens."""
+    mask = mask.to(scores.dtype)
+    if how == "max":
+        return (scores * mask - (1 - mask) * 1e9).max(-1).values.clamp_min(0)
+    return (scores * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def shard_mask(shape: torch.Size, ratio: float, seed: int) -> torch.Tensor:
+    """The random parameter subspace of one knowledge shard; reproducible from its seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen) < ratio
+
+
+@torch.no_grad()
+def generate_prefixes(model: nn.Module, tokenizer, seeds: Sequence[str], lengths: Sequence[int]) -> list[str]:
+    """Short greedy continuations used as context prefixes ("" plus these: 11 contexts)."""
+    device = next(model.parameters()).device
+    out = []
+    for i, seed_text in enumerate(seeds):
+        ids = tokenizer(seed_text, return_tensors="pt").to(device)
+        # Sampled (top-k 5, fixed seed) rather than greedy: greedy continuations of one word
+        # degenerate into repetition on small models; the seed keeps this deterministic.
+        torch.manual_seed(1234 + i)
+        gen = model.generate(**ids, max_new_tokens=max(lengths), do_sample=True, top_k=5,
+                             pad_token_id=pad_id(tokenizer))
+        new = gen[0, ids.input_ids.shape[1]:]
+        for n in lengths:
+            text = tokenizer.decode(torch.cat([ids.input_ids[0], new[:n]]), skip_special_tokens=True)
+            out.append(" ".join(text.split()))
+    return out
+
+
+@dataclass
+class EditStats:
+    steps: int
+    loss: float
+    edit_loss: float
+    seconds: float
+
+
+@dataclass
+class Shard:
+    seed: int
+    tau: torch.Tensor  # (d_out, d_in), zero outside its mask
+    edits: list[Edit] = field(default_factory=list)
+
+
+class WiseEditor:
+    """Sequential WISE editing on one model. Holds the shards; builds the side memory."""
+
+    def __init__(self, model: nn.Module, tokenizer, site: EditSite, config: WiseConfig,
+                 irrelevant: Sequence[str], prefixes: Sequence[str] | None = None,
+                 basis: torch.Tensor | None | str = "compute") -> None:
+        if not irrelevant:
+            raise ValueError("WISE needs at least one irrelevant prompt for the router margin")
+        self.model, self.tokenizer, self.site, self.config = model, tokenizer, site, config
+        self.irrelevant = list(irrelevant)
+        self.prefixes = list(prefixes) if prefixes is not None else generate_prefixes(
+            model, tokenizer, config.prefix_seeds, config.prefix_lengths)
+        self.upper = UpperStack(model, site)
+        self.device = next(model.parameters()).device
+        base = site.module(model)
+        self.shape = weight_matrix(base).shape
+        self.shards: list[Shard] = []
+        self.first_shard_index = 0  # shards before this one are closed and live elsewhere (a store)
+        if isinstance(basis, str):
+            basis = background_basis(model, tokenizer, site, self.irrelevant[:256], config.background_rank,
+                                     config.chat_template)
+        self.basis = basis
+        self._rng = random.Random(config.seed)
+
+    # ---- training -------------------------------------------------------------------------
+    def _edit_batch(self, edit: Edit):
+        cfg, tok = self.config, self.tokenizer
+        tgt = target_ids(tok, edit.target_new, cfg.chat_template)
+        seqs, plens, spans = [], [], []
+        for prefix in [""] + self.prefixes:
+            text = f"{prefix} {edit.prompt}" if prefix else edit.prompt
+            p = prompt_ids(tok, text, cfg.chat_template)
+            start = len(prompt_ids(tok, prefix, cfg.chat_template)) - (1 if cfg.chat_template else 0) if prefix else 0
+            start = min(max(start, 0), len(p) - 1)
+            seqs.append(p + tgt)
+            plens.append(len(p))
+            spans.append((start, len(p)))
+        irrelevant = edit.loc_prompt or self._rng.choice(self.irrelevant)
+        q = prompt_ids(tok, irrelevant, cfg.chat_template)
+        seqs.append(q)
+        plens.append(len(q))
+        spans.append((0, len(q)))
+        batch = pad_batch(seqs, plens, pad_id(tok), self.device)
+        T = batch.input_ids.shape[1]
+        span_mask = torch.zeros((len(seqs), T), dtype=torch.float32, device=self.device)
+        for r, (a, b) in enumerate(spans):
+            span_mask[r, a:b] = 1.0
+        return batch, span_mask
+
+    def _losses(self, layer: WiseLayer, batch, span_mask, logits: torch.Tensor, labels: torch.Tensor,
+                owner: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        token_ce = F.cross_entropy(logits, labels, reduction="none")  # (P,)
+        per_row = torch.zeros(n_ctx, device=logits.device).index_add(0, owner, token_ce)
+        counts = torch.zeros(n_ctx, device=logits.device).index_add(0, owner, torch.ones_like(token_ce))
+        edit_loss = (per_row / counts.clamp_min(1)).mean()
+        scores = layer.last_scores  # (B, T)
+        row_score = reduce_scores(scores, span_mask, cfg.router_reduce)
+        d_e, d_i = row_score[:n_ctx], row_score[n_ctx]
+        act = (F.relu(d_i - cfg.alpha) + F.relu(cfg.beta - d_e) + F.relu(d_i - d_e + cfg.gamma)).mean()
+        self._last_d = (float(d_e.mean()), float(d_e.min()), float(d_i))
+        return edit_loss, act
+
+    def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, plain: bool = False) -> EditStats:
+        """Optimise the shard parameter on one edit. `plain` runs the whole model, one context at
+        a time, every step, without early stop: the baseline the speed benchmark compares with."""
+        cfg = self.config
+        start = time.perf_counter()
+        batch, span_mask = self._edit_batch(edit)
+        n_ctx = batch.input_ids.shape[0] - 1
+        rows, cols, labels, owner = batch.target_positions()
+        rows, cols, labels, owner = (t.to(self.device) for t in (rows, cols, labels, owner))
+        if cfg.optimizer == "adam":
+            opt = torch.optim.Adam([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        layer.routing.positions = batch.attention_mask.bool()  # also the token grid for OPT's flat MLP input
+        captured = None if plain else self.upper.capture(batch.input_ids, batch.attention_mask)
+        loss_v, edit_v, step = math.inf, math.inf, 0
+        for step in range(1, cfg.max_steps + 1):
+            opt.zero_grad(set_to_none=True)
+            if plain:
+                edit_loss, act = self._plain_step(layer, batch, span_mask, n_ctx)
+            else:
+                logits = self.upper.logits_at(captured, rows, cols)
+                edit_loss, act = self._losses(layer, batch, span_mask, logits, labels, owner, n_ctx)
+            loss = edit_loss + act
+            loss_v, edit_v = float(loss.detach()), float(edit_loss.detach())
+            if _DEBUG:
+                print(step, round(edit_v, 4), round(float(act), 3), [round(x,2) for x in self._last_d], flush=True)
+            if not plain and edit_v <= cfg.stop_loss and float(act) <= cfg.stop_margin:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                param.clamp_(-cfg.max_update, cfg.max_update)
+        return EditStats(step, loss_v, edit_v, time.perf_counter() - start)
+
+    def _plain_step(self, layer: WiseLayer, batch, span_mask, n_ctx: int):
+        cfg = self.config
+        B = batch.input_ids.shape[0]
+        scores = []
+        edit_losses = []
+        for r in range(B):
+            n = batch.lengths[r]
+            ids = batch.input_ids[r:r + 1, :n]
+            layer.routing.positions = torch.ones_like(ids, dtype=torch.bool)
+            out = self.model(input_ids=ids, use_cache=False)
+            scores.append(reduce_scores(layer.last_scores, span_mask[r:r + 1, :n], cfg.router_reduce)[0])
+            if r < n_ctx:
+                p = batch.prompt_lens[r]
+                edit_losses.append(F.cross_entropy(out.logits[0, p - 1:n - 1], ids[0, p:n]))
+        d = torch.stack(scores)
+        d_e, d_i = d[:n_ctx], d[n_ctx]
+        act = (F.relu(d_i - cfg.alpha) + F.relu(cfg.beta - d_e) + F.relu(d_i - d_e + cfg.gamma)).mean()
+        return torch.stack(edit_losses).mean(), act
+
+    def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
+              plain: bool = False) -> list[EditStats]:
+        """Apply edits sequentially: each goes into the open shard (a new one when full)."""
+        stats = []
+        base = self.site.module(self.model)
+        layer = WiseLayer(base, reduce=self.config.router_reduce, basis=self.basis)
+        with attached(self.model, self.site, layer):
+            for edit in edits:
+                if not self.shards or len(self.shards[-1].edits) >= self.config.edits_per_shard:
+                    seed = self.config.seed * 1_000_003 + self.first_shard_index + len(self.shards)
+                    self.shards.append(Shard(seed, torch.zeros(self.shape, device=self.device)))
+                shard = self.shards[-1]
+                mask = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device)
+                param = layer.start_training(shard.tau, mask)
+                s = self.train_edit(layer, param, edit, plain=plain)
+                shard.tau = layer.stop_training()
+                shard.edits.append(edit)
+                stats.append(s)
+                if progress:
+                    progress(len(stats), s)
+        return stats
+
+    # ---- the side memory ------------------------------------------------------------------
+    def side_memory(self) -> torch.Tensor | None:
+        return merge_shards([s.tau for s in self.shards], self.config)
+
+    def all_edits(self) -> list[Edit]:
+        return [e for s in self.shards for e in s.edits]
+
+    def threshold(self, delta: torch.Tensor) -> float:
+        prompts = [format_prompt(self.tokenizer, e.prompt, self.config.chat_template) for e in self.all_edits()]
+        return router_threshold(self.model, self.tokenizer, self.site, delta, prompts, self.config.act_ratio,
+                                self.config.router_reduce, self.basis)
+
+    def layer(self) -> WiseLayer:
+        """A serving layer with the merged side memory and its router threshold."""
+        delta = self.side_memory()
+        threshold = self.threshold(delta) if delta is not None else math.inf
+        return WiseLayer(self.site.module(self.model), delta, threshold, self.config.router_reduce, self.basis)
+
+
+def merge_shards(taus: Sequence[torch.Tensor], config: WiseConfig) -> torch.Tensor | None:
+    if not taus:
+        return None
+    if len(taus) == 1:
+        return taus[0].clone()  # nothing to reconcile; TIES trimming would only lose the edit
+    merger = get_merge_method(config.merge_method)
+    return merger.merge(list(taus), {"seed": config.seed}, [{"density": config.merge_density} for _ in taus])
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, tokenizer, site: EditSite, delta: torch.Tensor,
+                      prompts: Sequence[str], reduce: str = "mean", basis: torch.Tensor | None = None,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Activation score ||delta a|| of each (already formatted) prompt, reduced over its tokens."""
+    out = []
+    for acts in module_inputs(model, tokenizer, site, prompts, batch_size):
+        acts = acts.to(delta.dtype)
+        if basis is not None:
+            acts = acts - (acts @ basis) @ basis.t()
+        side = torch.matmul(acts, delta.t())  # (T, d_out)
+        scores = side.norm(dim=-1)
+        out.append(scores.max() if reduce == "max" else scores.mean())
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def router_threshold(model, tokenizer, site, delta, prompts, act_ratio: float, reduce: str = "mean",
+                     basis: torch.Tensor | None = None) -> float:
+    scores = activation_scores(model, tokenizer, site, delta, prompts, reduce, basis)
+    return float(scores.min()) * act_ratio if len(scores) else math.inf
+
+
+@torch.no_grad()
+def background_basis(model, tokenizer, site: EditSite, prompts: Sequence[str], rank: int,
+                     chat_template: bool = False) -> torch.Tensor | None:
+    """Top-`rank` eigenvectors (d_in, rank) of the uncentred second moment of the edited
+    module's input over background prompts' tokens; None when rank is 0."""
+    if rank <= 0 or not prompts:
+        return None
+    texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
+    acts = torch.cat([a.float() for a in module_inputs(model, tokenizer, site, texts)])  # (N, d_in)
+    second = acts.t() @ acts / acts.shape[0]
+    _, vectors = torch.linalg.eigh(second.double())
+    rank = min(rank, vectors.shape[1])
+    return vectors[:, -rank:].flip(1).float().contiguous()

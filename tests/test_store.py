@@ -1,0 +1,260 @@
+"""memstore.store: objects, catalog, commits, refs, revparse, lock. Run: pytest tests/test_store.py -q"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import torch
+
+from memstore.errors import (
+    AmbiguousRef,
+    ChecksumMismatch,
+    ConcurrentUpdate,
+    ConfigError,
+    IntegrityError,
+    LockTimeout,
+    SchemaVersionMismatch,
+    StoreExists,
+    StoreNotFound,
+    UnknownRef,
+    WisememError,
+)
+from memstore.store import ObjectStore, Store, canonical_json
+
+BINDING = {"model_id": "tiny", "revision": "abc", "module_path": "h.1.mlp.c_proj", "layer": 1, "weight_hash": "00"}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with Store.init(tmp_path / ".wisemem", BINDING) as s:
+        yield s
+
+
+def commit(store: Store, msg: str, n_edits: int = 1) -> str:
+    recs = [{"prompt": f"{msg}-{i}", "target_new": "x"} for i in range(n_edits)]
+    ids = [f"e{i}" for i in range(n_edits)]
+    return store.create_commit(store.head(), msg, "tester", "wise", "{}", '{"shards":[]}', recs, ids)
+
+
+def counts(store: Store) -> tuple[int, int]:
+    c = store.catalog
+    with c.engine.connect() as conn:
+        n_commits = conn.execute(sa.select(sa.func.count()).select_from(c.commits)).scalar_one()
+        n_edits = conn.execute(sa.select(sa.func.count()).select_from(c.edits)).scalar_one()
+    return n_commits, n_edits
+
+
+# -- objects -------------------------------------------------------------------------------------
+
+
+def test_object_roundtrip_idempotent(tmp_path: Path) -> None:
+    objs = ObjectStore(tmp_path)
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors = {"w": base.t(), "b": base[0]}  # non-contiguous view + storage shared with "w"
+    oid = objs.put_tensors(tensors, {"kind": "shard", "n": 2})
+    assert objs.put_tensors(tensors, {"n": 2, "kind": "shard"}) == oid  # same bytes, same id
+    assert oid in objs and list(objs.iter_ids()) == [oid]
+    assert objs.path(oid) == tmp_path / "objects" / oid[:2] / oid[2:]
+    got, meta = objs.get_tensors(oid)
+    assert meta == {"kind": "shard", "n": 2}
+    assert torch.equal(got["w"], base.t()) and torch.equal(got["b"], base[0])
+    assert not list(objs.path(oid).parent.glob(".tmp-*"))
+
+
+def test_object_checksum_mismatch(tmp_path: Path) -> None:
+    objs = ObjectStore(tmp_path)
+    oid = objs.put_tensors({"w": torch.ones(4)}, {})
+    p = objs.path(oid)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch) as ei:
+        objs.get_tensors(oid)
+    assert ei.value.oid == oid and ei.value.got != oid
+
+
+def test_object_missing(tmp_path: Path) -> None:
+    objs = ObjectStore(tmp_path)
+    oid = "ab" * 32
+    assert oid not in objs
+    with pytest.raises(IntegrityError, match="missing; run `wisemem fsck`"):
+        objs.get_tensors(oid)
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+
+
+def test_init_open(tmp_path: Path) -> None:
+    path = tmp_path / ".wisemem"
+    with Store.init(path, BINDING) as s:
+        assert s.head() is None and s.head_branch() == "refs/heads/main"
+        assert (path / "objects").is_dir()
+    with pytest.raises(StoreExists):
+        Store.init(path, BINDING)
+    with Store.open(path) as s:
+        b = s.binding
+        assert {k: b[k] for k in BINDING} == BINDING and b["created_at"].endswith("+00:00")
+
+
+def test_open_missing(tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFound, match="wisemem init"):
+        Store.open(tmp_path / "nope")
+
+
+def test_schema_version_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / ".wisemem"
+    with Store.init(path, BINDING) as s:
+        with s.catalog.engine.begin() as conn:
+            conn.execute(sa.update(s.catalog.meta).where(s.catalog.meta.c.key == "schema_version").values(value="99"))
+    with pytest.raises(SchemaVersionMismatch, match="schema version 99") as ei:
+        Store.open(path)
+    assert isinstance(ei.value, WisememError)
+
+
+def test_settings(store: Store) -> None:
+    assert store.get_setting("mounted") is None
+    store.set_setting("mounted", "refs/heads/main")
+    store.set_setting("mounted", "HEAD")
+    assert store.get_setting("mounted") == "HEAD"
+    store.set_setting("mounted", None)
+    assert store.get_setting("mounted") is None
+
+
+# -- commits -------------------------------------------------------------------------------------
+
+
+def test_commit_chain_and_log(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    c1 = commit(store, "one", 2)
+    c2 = commit(store, "two")
+    monkeypatch.setenv("WISEMEM_AUTHOR", "env-author")
+    c3 = store.create_commit(c2, "three", None, "wise", "{}", "{}", [], [])
+    assert store.head() == c3 == store.get_ref("refs/heads/main")
+    assert [c["id"] for c in store.log(store.head())] == [c3, c2, c1]
+    assert [c["message"] for c in store.log(c2)] == ["two", "one"]
+    assert store.log(None) == [] and len(store.log(c3, max_count=2)) == 2
+    got = store.get_commit(c1)
+    assert got["parent_id"] is None and got["edit_ids"] == ["e0", "e1"]
+    assert got["edits"] == [{"prompt": "one-0", "target_new": "x"}, {"prompt": "one-1", "target_new": "x"}]
+    assert store.get_commit(c3)["author"] == "env-author"
+    # the id is the hash of the canonical content
+    body = {k: got[k] for k in ("parent_id", "message", "author", "created_at", "method", "config_json", "state_json")}
+    assert hashlib.sha256(canonical_json({**body, "edits": got["edits"]}).encode()).hexdigest() == c1
+    with pytest.raises(UnknownRef):
+        store.get_commit("f" * 64)
+
+
+def test_cas_failure_writes_nothing(store: Store) -> None:
+    c1 = commit(store, "one")
+    before = counts(store)
+    with pytest.raises(ConcurrentUpdate):  # stale parent: branch already at c1
+        store.create_commit(None, "stale", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
+    with pytest.raises(ConcurrentUpdate):
+        store.create_commit("0" * 64, "stale", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
+    assert counts(store) == before and store.head() == c1
+
+
+def test_detached_head_commit(store: Store) -> None:
+    c1 = commit(store, "one")
+    commit(store, "two")
+    store.set_head(c1)
+    assert store.head_branch() is None and store.head() == c1
+    c3 = commit(store, "side")
+    assert store.head() == c3 and store.get_ref("refs/heads/main") != c3
+
+
+# -- revparse ------------------------------------------------------------------------------------
+
+
+def test_resolve(store: Store) -> None:
+    c1, c2, c3 = commit(store, "a"), commit(store, "b"), commit(store, "c")
+    store.set_ref("refs/tags/v1", c1, None)
+    store.set_ref("refs/heads/dev", c2, None)
+    assert store.resolve(c2) == c2
+    assert store.resolve(c2[:8]) == c2 and store.resolve(c2[:8].upper()) == c2
+    assert store.resolve("HEAD") == c3
+    assert store.resolve("HEAD^") == c2 and store.resolve("HEAD~") == c2 and store.resolve("HEAD^1") == c2
+    assert store.resolve("HEAD~2") == c1 and store.resolve("HEAD^^") == c1 and store.resolve("HEAD~0") == c3
+    assert store.resolve("main~1~") == c1
+    assert store.resolve("main") == c3 and store.resolve("refs/heads/main~1") == c2
+    assert store.resolve("dev~1") == c1 and store.resolve("v1") == c1 and store.resolve("refs/tags/v1") == c1
+    for bad in ("HEAD~3", "nope", "abc", "HEAD^2", "HEAD~x", "HEAD~1x", "~1", "f" * 64):
+        with pytest.raises(UnknownRef):
+            store.resolve(bad)
+
+
+def test_resolve_ambiguous(store: Store) -> None:
+    c = store.catalog
+    row = dict(parent_id=None, message="m", author="a", created_at="t", method="w", config_json="{}", state_json="{}")
+    with c.engine.begin() as conn:
+        conn.execute(sa.insert(c.commits), [{"id": "abcd" + "0" * 60, **row}, {"id": "abcd" + "1" * 60, **row}])
+    with pytest.raises(AmbiguousRef) as ei:
+        store.resolve("abcd")
+    assert ei.value.candidates == ["abcd" + "0" * 60, "abcd" + "1" * 60]
+    assert store.resolve("abcd1") == "abcd" + "1" * 60
+
+
+def test_resolve_unborn_head(store: Store) -> None:
+    with pytest.raises(UnknownRef):
+        store.resolve("HEAD")
+
+
+# -- lock ----------------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import fcntl, sys, time
+    f = open(sys.argv[1], "a+b")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_lock_timeout(store: Store) -> None:
+    with store.lock(timeout=1), store.lock(timeout=1):  # re-entrant in-process
+        pass
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.path / "lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout, match=r"waited 0.3s\); retry or raise --lock-timeout"):
+            with store.lock(timeout=0.3):
+                pass
+        assert 0.25 < time.monotonic() - t0 < 3
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    with store.lock(timeout=1):  # released when the holder exits
+        pass
+
+
+def test_commit_json_is_opaque(store: Store) -> None:
+    state = json.dumps({"shards": ["a" * 64], "threshold": 0.5})
+    cid = store.create_commit(None, "m", "t", "memoir", '{"k":1}', state, [], [])
+    got = store.get_commit(cid)
+    assert got["state_json"] == state and got["config_json"] == '{"k":1}' and got["edits"] == []
+
+
+def test_catalog_url_and_bad_binding(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with Store.init(tmp_path / "s", BINDING, catalog_url=url) as s:
+        cid = commit(s, "one")
+    assert not (tmp_path / "s" / "catalog.sqlite").exists()
+    with Store.open(tmp_path / "s") as s:
+        assert s.catalog.url == url and s.head() == cid
+    with pytest.raises(ConfigError, match="missing"):
+        Store.init(tmp_path / "t", {"model_id": "m"})
