@@ -82,7 +82,7 @@ def commit(
     if json_out:
         return render.emit_json(result)
     render.out.print(f"[{result.commit_id[:12]}] {result.n_edits} edit(s) committed; {result.total_edits} live edit(s) "
-                     f"in {result.shards} shard(s); router threshold {result.threshold:.3f}")
+                     f"in {result.shards} shard(s); router threshold {result.threshold:.3f}", markup=False)
 
 
 @app.command()
@@ -141,10 +141,11 @@ def generate(
     results = porcelain.generate(_store(store), prompts, max_new_tokens=max_new_tokens, memory=not no_memory)
     if json_out:
         return render.emit_json(results)
-    for g in results:
-        if len(results) > 1:
-            render.out.print(f"[bold]{g.prompt}[/bold]", end="")
-        render.out.print(g.text, markup=False)
+    for i, g in enumerate(results):
+        if len(results) > 1:  # several prompts: show each with its continuation, blank line between
+            render.out.print(("\n" if i else "") + g.prompt + g.text, markup=False)
+        else:
+            render.out.print(g.text, markup=False)
 
 
 @app.command("eval")

@@ -94,10 +94,19 @@ def resolve_model_path(model_id: str | None) -> str:
     return model_id
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars go to stderr; transformers' per-load bars and notices would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(model_id: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype = "fp32"):
     """Load (model, tokenizer) by Hugging Face id, local path, or None for the embedded default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     path = resolve_model_path(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

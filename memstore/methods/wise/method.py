@@ -142,7 +142,7 @@ class WiseEditor:
         row_score = reduce_scores(scores, span_mask, cfg.router_reduce)
         d_e, d_i = row_score[:n_ctx], row_score[n_ctx]
         act = (F.relu(d_i - cfg.alpha) + F.relu(cfg.beta - d_e) + F.relu(d_i - d_e + cfg.gamma)).mean()
-        self._last_d = (float(d_e.mean()), float(d_e.min()), float(d_i))
+        self._last_d = (float(d_e.detach().mean()), float(d_e.detach().min()), float(d_i.detach()))
         return edit_loss, act
 
     def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, plain: bool = False) -> EditStats:
