@@ -196,14 +196,28 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_types("ClickException")):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, _click_types("Abort")):
             sys.exit(130)
         raise
+
+
+def _click_types(name: str) -> tuple[type, ...]:
+    """click's exception class `name` and typer's bundled copy of it (typer >= 0.2x vendors click
+    as typer._click, whose exceptions are not click's)."""
+    import importlib
+
+    kinds = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            kind = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    return tuple(kinds)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ def emit_json(obj: Any) -> None:
 
 @contextmanager
 def progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr; yields update(done, total)."""
-    if not enabled:
+    """A progress bar on stderr when it is a terminal; yields update(done, total)."""
+    if not enabled or not err.is_terminal:  # rich would leave a blank line in a log or pipe
         yield lambda done, total: None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

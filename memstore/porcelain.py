@@ -145,6 +145,8 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
     from .methods.wise.method import background_basis, generate_prefixes
 
     target = store_path(path)
+    if (target / "catalog.sqlite").exists() or (target / "catalog.url").exists():  # fail before loading a model
+        raise StoreExists(f"a wisemem store already exists in {target}")
     model, tokenizer = load_model(model_id, device=device, dtype=dtype)
     site = find_edit_site(model, layer, module)
     hyper = load_config_file(config_file)
@@ -184,12 +186,17 @@ def state_edits(store: Store, commit_id: str | None) -> list[Edit]:
     return edits
 
 
-def load_shards(store: Store, state: dict[str, Any]) -> list[Shard]:
-    shards = []
+def load_shards(store: Store, state: dict[str, Any], edits: Sequence[Edit] | None = None) -> list[Shard]:
+    """The shards of a state; with `edits` (all live edits, oldest first) each gets its own back,
+    since shards fill in order."""
+    shards, used = [], 0
     for entry in state["shards"]:
         tensors, meta = store.objects.get_tensors(entry["object"])
         tau, _ = shard_from_tensors(tensors, meta)
-        shards.append(Shard(entry["seed"], tau, [None] * entry["n_edits"]))  # type: ignore[list-item]
+        n = entry["n_edits"]
+        own = list(edits[used:used + n]) if edits is not None else [None] * n
+        used += n
+        shards.append(Shard(entry["seed"], tau, own))  # type: ignore[arg-type]
     return shards
 
 
@@ -234,7 +241,8 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
             parent = store.head()
             state = commit_state(store, parent)
             config = session.config
-            shards = load_shards(store, state)
+            previous = state_edits(store, parent)
+            shards = load_shards(store, state, previous)
             closed, open_shard = shards, None
             if shards and len(shards[-1].edits) < config.edits_per_shard:
                 closed, open_shard = shards[:-1], shards[-1]
@@ -250,7 +258,7 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
                 tensors, meta = shard_tensors(shard, mask)
                 oid = store.objects.put_tensors(tensors, meta)
                 entries.append({"object": oid, "seed": shard.seed, "n_edits": len(shard.edits)})
-            live = state_edits(store, parent) + edits
+            live = previous + edits
             delta = merge_shards([s.tau for s in all_shards], config)
             prompts = [format_prompt(session.tokenizer, e.prompt, config.chat_template) for e in live]
             threshold = router_threshold(session.model, session.tokenizer, session.site, delta.to(editor.device), prompts,

@@ -89,3 +89,17 @@ def tiny_model(tiny_model_cache):
 # =============================================================================================
 # (add further fixture sections below)
 # =============================================================================================
+
+
+# =============================================================================================
+# CPU threads on a shared machine (test_cli.py, test_e2e.py)
+#
+# With libgomp's default active wait, torch's OpenMP threads spin for CPU another process is
+# using: on a busy 2-core machine `wisemem init` went from 14 s to 140 s. Passive waiting keeps
+# the thread count (and so the numerics) and removes the spin. Set before any test module
+# imports torch; subprocesses (the CLI tests) inherit it. An explicit setting wins.
+# =============================================================================================
+
+import os  # noqa: E402
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

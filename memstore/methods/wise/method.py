@@ -24,14 +24,12 @@ from torch import nn
 from ...edits import Edit
 from ...merge import get_merge_method
 from ...model import EditSite, weight_matrix
-from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids, target_ids
+from ...prompting import Batch, format_prompt, pad_batch, pad_id, prompt_ids, target_ids
 from ..attach import attached
 from ..upper import UpperStack, module_inputs
 from .config import WiseConfig
 from .layer import WiseLayer
 
-import os
-_DEBUG = bool(os.environ.get("WISEMEM_DEBUG"))
 
 
 def reduce_scores(scores: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -76,6 +74,14 @@ class EditStats:
 
 
 @dataclass
+class TrainBatch:
+    batch: Batch
+    span_mask: torch.Tensor  # (B, T) tokens whose activation scores count for the margins
+    n_ctx: int
+    n_replay: int
+
+
+@dataclass
 class Shard:
     seed: int
     tau: torch.Tensor  # (d_out, d_in), zero outside its mask
@@ -107,97 +113,100 @@ class WiseEditor:
         self._rng = random.Random(config.seed)
 
     # ---- training -------------------------------------------------------------------------
-    def _edit_batch(self, edit: Edit):
+    def _edit_batch(self, edit: Edit, replay: Sequence[Edit]) -> "TrainBatch":
+        """Rows: the edit in 11 contexts, `replay` earlier edits of the shard, one irrelevant prompt."""
         cfg, tok = self.config, self.tokenizer
         tgt = target_ids(tok, edit.target_new, cfg.chat_template)
         seqs, plens, spans = [], [], []
         for prefix in [""] + self.prefixes:
             text = f"{prefix} {edit.prompt}" if prefix else edit.prompt
             p = prompt_ids(tok, text, cfg.chat_template)
+            # Score only the prompt's own tokens, not the prefix: routing sees bare prompts.
             start = len(prompt_ids(tok, prefix, cfg.chat_template)) - (1 if cfg.chat_template else 0) if prefix else 0
             start = min(max(start, 0), len(p) - 1)
             seqs.append(p + tgt)
             plens.append(len(p))
             spans.append((start, len(p)))
+        for old in replay:
+            p = prompt_ids(tok, old.prompt, cfg.chat_template)
+            seqs.append(p + target_ids(tok, old.target_new, cfg.chat_template))
+            plens.append(len(p))
+            spans.append((0, len(p)))
         irrelevant = edit.loc_prompt or self._rng.choice(self.irrelevant)
         q = prompt_ids(tok, irrelevant, cfg.chat_template)
         seqs.append(q)
         plens.append(len(q))
         spans.append((0, len(q)))
         batch = pad_batch(seqs, plens, pad_id(tok), self.device)
-        T = batch.input_ids.shape[1]
-        span_mask = torch.zeros((len(seqs), T), dtype=torch.float32, device=self.device)
+        span_mask = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=self.device)
         for r, (a, b) in enumerate(spans):
             span_mask[r, a:b] = 1.0
-        return batch, span_mask
+        return TrainBatch(batch, span_mask, 1 + len(self.prefixes), len(replay))
 
-    def _losses(self, layer: WiseLayer, batch, span_mask, logits: torch.Tensor, labels: torch.Tensor,
-                owner: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        token_ce = F.cross_entropy(logits, labels, reduction="none")  # (P,)
-        per_row = torch.zeros(n_ctx, device=logits.device).index_add(0, owner, token_ce)
-        counts = torch.zeros(n_ctx, device=logits.device).index_add(0, owner, torch.ones_like(token_ce))
-        edit_loss = (per_row / counts.clamp_min(1)).mean()
-        scores = layer.last_scores  # (B, T)
-        row_score = reduce_scores(scores, span_mask, cfg.router_reduce)
-        d_e, d_i = row_score[:n_ctx], row_score[n_ctx]
+    def _objective(self, tb: "TrainBatch", row_ce: torch.Tensor, row_score: torch.Tensor):
+        """(edit loss, replay loss, margin loss) from per-row CE (rows with targets) and scores."""
+        cfg, n = self.config, tb.n_ctx
+        edit_loss = row_ce[:n].mean()
+        replay_loss = row_ce[n:n + tb.n_replay].mean() if tb.n_replay else row_ce.new_zeros(())
+        d_e, d_i = row_score[:n], row_score[-1]
         act = (F.relu(d_i - cfg.alpha) + F.relu(cfg.beta - d_e) + F.relu(d_i - d_e + cfg.gamma)).mean()
-        self._last_d = (float(d_e.detach().mean()), float(d_e.detach().min()), float(d_i.detach()))
-        return edit_loss, act
+        return edit_loss, replay_loss, act
 
-    def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, plain: bool = False) -> EditStats:
-        """Optimise the shard parameter on one edit. `plain` runs the whole model, one context at
-        a time, every step, without early stop: the baseline the speed benchmark compares with."""
+    def _fast_step(self, layer: WiseLayer, tb: "TrainBatch", captured, targets):
+        rows, cols, labels = targets
+        logits = self.upper.logits_at(captured, rows, cols)  # (P, V): target positions only
+        token_ce = F.cross_entropy(logits, labels, reduction="none")
+        n_rows = tb.n_ctx + tb.n_replay
+        per_row = logits.new_zeros(n_rows).index_add(0, rows, token_ce)
+        counts = logits.new_zeros(n_rows).index_add(0, rows, torch.ones_like(token_ce))
+        row_score = reduce_scores(layer.last_scores, tb.span_mask, self.config.router_reduce)
+        return self._objective(tb, per_row / counts.clamp_min(1), row_score)
+
+    def _plain_step(self, layer: WiseLayer, tb: "TrainBatch"):
+        """The whole model, one row at a time, full logits: what a straightforward loop does."""
+        batch, ces, scores = tb.batch, [], []
+        for r in range(batch.input_ids.shape[0]):
+            n, p = batch.lengths[r], batch.prompt_lens[r]
+            ids = batch.input_ids[r:r + 1, :n]
+            layer.routing.positions = torch.ones_like(ids, dtype=torch.bool)
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            scores.append(reduce_scores(layer.last_scores, tb.span_mask[r:r + 1, :n], self.config.router_reduce)[0])
+            if p < n:
+                ces.append(F.cross_entropy(logits[0, p - 1:n - 1], ids[0, p:n]))
+        return self._objective(tb, torch.stack(ces), torch.stack(scores))
+
+    def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, replay: Sequence[Edit] = (),
+                   plain: bool = False) -> EditStats:
+        """Optimise the shard parameter on one edit. `plain` runs the whole model, one row at a
+        time, every step, without early stop: the baseline the speed benchmark compares with."""
         cfg = self.config
         start = time.perf_counter()
-        batch, span_mask = self._edit_batch(edit)
-        n_ctx = batch.input_ids.shape[0] - 1
-        rows, cols, labels, owner = batch.target_positions()
-        rows, cols, labels, owner = (t.to(self.device) for t in (rows, cols, labels, owner))
+        tb = self._edit_batch(edit, replay)
+        rows, cols, labels, _ = tb.batch.target_positions()
+        targets = tuple(t.to(self.device) for t in (rows, cols, labels))
         if cfg.optimizer == "adam":
-            opt = torch.optim.Adam([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        layer.routing.positions = batch.attention_mask.bool()  # also the token grid for OPT's flat MLP input
-        captured = None if plain else self.upper.capture(batch.input_ids, batch.attention_mask)
+        layer.routing.positions = tb.batch.attention_mask.bool()  # also the token grid for OPT's flat MLP input
+        captured = None if plain else self.upper.capture(tb.batch.input_ids, tb.batch.attention_mask)
         loss_v, edit_v, step = math.inf, math.inf, 0
         for step in range(1, cfg.max_steps + 1):
             opt.zero_grad(set_to_none=True)
             if plain:
-                edit_loss, act = self._plain_step(layer, batch, span_mask, n_ctx)
+                edit_loss, replay_loss, act = self._plain_step(layer, tb)
             else:
-                logits = self.upper.logits_at(captured, rows, cols)
-                edit_loss, act = self._losses(layer, batch, span_mask, logits, labels, owner, n_ctx)
-            loss = edit_loss + act
+                edit_loss, replay_loss, act = self._fast_step(layer, tb, captured, targets)
+            loss = edit_loss + replay_loss + act
             loss_v, edit_v = float(loss.detach()), float(edit_loss.detach())
-            if _DEBUG:
-                print(step, round(edit_v, 4), round(float(act), 3), [round(x,2) for x in self._last_d], flush=True)
-            if not plain and edit_v <= cfg.stop_loss and float(act) <= cfg.stop_margin:
+            done = max(edit_v, float(replay_loss.detach())) <= cfg.stop_loss and float(act.detach()) <= cfg.stop_margin
+            if done and not plain:
                 break
             loss.backward()
             opt.step()
             with torch.no_grad():
                 param.clamp_(-cfg.max_update, cfg.max_update)
         return EditStats(step, loss_v, edit_v, time.perf_counter() - start)
-
-    def _plain_step(self, layer: WiseLayer, batch, span_mask, n_ctx: int):
-        cfg = self.config
-        B = batch.input_ids.shape[0]
-        scores = []
-        edit_losses = []
-        for r in range(B):
-            n = batch.lengths[r]
-            ids = batch.input_ids[r:r + 1, :n]
-            layer.routing.positions = torch.ones_like(ids, dtype=torch.bool)
-            out = self.model(input_ids=ids, use_cache=False)
-            scores.append(reduce_scores(layer.last_scores, span_mask[r:r + 1, :n], cfg.router_reduce)[0])
-            if r < n_ctx:
-                p = batch.prompt_lens[r]
-                edit_losses.append(F.cross_entropy(out.logits[0, p - 1:n - 1], ids[0, p:n]))
-        d = torch.stack(scores)
-        d_e, d_i = d[:n_ctx], d[n_ctx]
-        act = (F.relu(d_i - cfg.alpha) + F.relu(cfg.beta - d_e) + F.relu(d_i - d_e + cfg.gamma)).mean()
-        return torch.stack(edit_losses).mean(), act
 
     def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
               plain: bool = False) -> list[EditStats]:
@@ -213,7 +222,9 @@ class WiseEditor:
                 shard = self.shards[-1]
                 mask = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device)
                 param = layer.start_training(shard.tau, mask)
-                s = self.train_edit(layer, param, edit, plain=plain)
+                k = min(self.config.replay, len(shard.edits))
+                replay = self._rng.sample([e for e in shard.edits if e is not None], k) if k else []
+                s = self.train_edit(layer, param, edit, replay, plain=plain)
                 shard.tau = layer.stop_training()
                 shard.edits.append(edit)
                 stats.append(s)
