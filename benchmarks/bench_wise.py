@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: busy-waiting threads slow a shared CPU
+
 import torch
 
 from memstore.edits import read_edits

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# libgomp's default busy-wait makes torch ~10x slower when another process holds a core.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 from pathlib import Path
 from typing import Optional

@@ -375,7 +375,7 @@ class Repo:
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = store_path(path)
-        if not (self.path / "catalog.sqlite").exists() and not self.path.exists():
+        if not ((self.path / "catalog.sqlite").exists() or (self.path / "catalog.url").exists()):
             raise StoreNotFound(f"no wisemem store at {self.path}; create one with `wisemem init`")
 
     @classmethod
