@@ -73,14 +73,17 @@ def init(
 def commit(
     edits_file: Path = typer.Argument(..., help="JSONL file, one edit per line (schemas/edit.schema.json)"),
     message: Optional[str] = typer.Option(None, "-m", "--message", help="commit message"),
+    config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     lock_timeout: float = typer.Option(30.0, "--lock-timeout", help="seconds to wait for another writer"),
     store: Optional[str] = StoreOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Train edits into the memory and record them as a commit."""
+    overrides = porcelain.load_config_file(config)
+    overrides.update(porcelain.parse_overrides(set_))
     with render.progress("editing") as update:
-        result = porcelain.commit(_store(store), edits_file, message=message, overrides=porcelain.parse_overrides(set_),
+        result = porcelain.commit(_store(store), edits_file, message=message, overrides=overrides,
                                   lock_timeout=lock_timeout, progress=update)
     if json_out:
         return render.emit_json(result)

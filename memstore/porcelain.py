@@ -38,7 +38,10 @@ def background_prompts() -> list[str]:
 def load_config_file(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None:
         return {}
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
         if str(path).endswith((".yaml", ".yml")):
             import yaml

@@ -2,8 +2,8 @@
 
 WISE (arXiv 2405.14768) §3.1–3.2. The side memory is held as its difference tau = W' - W
 (merged from knowledge shards), so the main memory W inside `base_layer` is never touched.
-Activation score per token: ||tau a||_2; a row routes to the side memory iff the mean score over
-its prompt tokens exceeds the threshold epsilon. The decision is made once per row on the prompt
+Activation score per token: ||tau a||_2; a row routes to the side memory iff its score (max, or
+the paper's mean, over its prompt tokens) exceeds the threshold epsilon. The decision is made once per row on the prompt
 (prefill) and held for every generated token (the reference implementation routes per call).
 """
 
@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 from ..base import MemoryLayer
+
+
+def reduce_scores(scores: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Row activation score (B,) from per-token scores (B, T) over the masked tokens.
+    "max" (our default) lets one distinctive token (the subject) decide; "mean" is the paper's."""
+    mask = mask.to(scores.dtype)
+    if how == "max":
+        return (scores * mask - (1 - mask) * 1e9).max(-1).values.clamp_min(0)
+    return (scores * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
 class WiseLayer(MemoryLayer):
@@ -81,8 +90,6 @@ class WiseLayer(MemoryLayer):
         held = self.routing.held
         if not self.routing.prefill and held is not None and held.shape[0] == scores.shape[0]:
             return held.to(scores.device)
-        from .method import reduce_scores
-
         row = reduce_scores(scores, self.route_positions(scores), self.reduce)
         route = row > self.threshold
         if self.routing.prefill:
