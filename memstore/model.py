@@ -2,7 +2,7 @@
 
 The edited module is one FFN output projection ("down projection") at layer L, y = W a,
 W of shape (d_model, d_ff). GPT-2 stores it as a Conv1D whose weight is W transposed.
-See ALGORITHMS.md (notation). `python -m memstore.model` prepares the embedded model cache.
+See ALGORITHMS.md (notation). `embedded_model_path()` prepares the embedded model cache (`make setup`).
 """
 
 from __future__ import annotations
@@ -215,6 +215,3 @@ def weight_hash(module: nn.Module) -> str:
     w = weight_matrix(module).detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(w.numpy().tobytes()).hexdigest()
 
-
-if __name__ == "__main__":
-    print(embedded_model_path())
