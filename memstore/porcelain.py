@@ -14,12 +14,11 @@ import torch
 
 from .edits import Edit, edit_from_record, load_edits
 from .errors import ConfigError, ModelMismatch, NothingToCommit, StoreExists, StoreNotFound
-from .methods.wise import WiseConfig, WiseEditor, WiseLayer, default_config, merge_shards, router_threshold, shard_mask
+from .methods.wise import WiseConfig, WiseEditor, WiseLayer, default_config, merge_shards, shard_mask
 from .methods.wise.method import Shard
 from .methods.wise.serialize import shard_from_tensors, shard_tensors
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash
 from .mount import MountHandle, mount_layer
-from .prompting import format_prompt
 from .store import ObjectStore, Store
 
 DEFAULT_STORE = ".wisemem"
@@ -164,8 +163,6 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
         "layer": site.layer,
         "weight_hash": weight_hash(site.module(model)),
     }
-    if (target / "catalog.sqlite").exists() or (target / "catalog.url").exists():
-        raise StoreExists(f"a wisemem store already exists in {target}")
     cfg: dict[str, Any] = {"hyperparameters": hyper, "prefixes": prefixes, "module_template": module}
     if basis is not None:  # written before the catalog: an object nothing refers to is harmless
         cfg["basis"] = ObjectStore(target).put_tensors({"basis": basis.cpu().contiguous()}, {"kind": "wise-background"})
@@ -189,17 +186,18 @@ def state_edits(store: Store, commit_id: str | None) -> list[Edit]:
     return edits
 
 
-def load_shards(store: Store, state: dict[str, Any], edits: Sequence[Edit] | None = None) -> list[Shard]:
-    """The shards of a state; with `edits` (all live edits, oldest first) each gets its own back,
-    since shards fill in order."""
+def load_taus(store: Store, state: dict[str, Any]) -> list[torch.Tensor]:
+    return [shard_from_tensors(*store.objects.get_tensors(entry["object"]))[0] for entry in state["shards"]]
+
+
+def load_shards(store: Store, state: dict[str, Any], edits: Sequence[Edit]) -> list[Shard]:
+    """The shards of a state, each with its own edits back (`edits`: all live edits, oldest
+    first; shards fill in order)."""
     shards, used = [], 0
-    for entry in state["shards"]:
-        tensors, meta = store.objects.get_tensors(entry["object"])
-        tau, _ = shard_from_tensors(tensors, meta)
+    for entry, tau in zip(state["shards"], load_taus(store, state)):
         n = entry["n_edits"]
-        own = list(edits[used:used + n]) if edits is not None else [None] * n
+        shards.append(Shard(entry["seed"], tau, list(edits[used:used + n])))
         used += n
-        shards.append(Shard(entry["seed"], tau, own))  # type: ignore[arg-type]
     return shards
 
 
@@ -211,7 +209,7 @@ def memory_layer(session: Session, commit_id: str | None) -> WiseLayer:
     if not state["shards"]:
         return WiseLayer(base, None, float("inf"), session.config.router_reduce, session.basis)
     device = next(session.model.parameters()).device
-    delta = merge_shards([s.tau for s in load_shards(session.store, state)], session.config).to(device)
+    delta = merge_shards(load_taus(session.store, state), session.config).to(device)
     return WiseLayer(base, delta, float(state["threshold"]), session.config.router_reduce, session.basis)
 
 
@@ -245,33 +243,23 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
             state = commit_state(store, parent)
             config = session.config
             previous = state_edits(store, parent)
-            shards = load_shards(store, state, previous)
-            closed, open_shard = shards, None
-            if shards and len(shards[-1].edits) < config.edits_per_shard:
-                closed, open_shard = shards[:-1], shards[-1]
             editor = WiseEditor(session.model, session.tokenizer, session.site, config,
                                 background_prompts(), session.prefixes, basis=session.basis)
-            editor.shards = ([open_shard] if open_shard else [])
-            editor.first_shard_index = len(closed)
+            editor.shards = load_shards(store, state, previous)  # the editor continues the open shard
             stats = editor.apply(edits, (lambda i, _s: progress(i, len(edits))) if progress else None)
-            all_shards = closed + editor.shards
             entries = []
-            for shard in all_shards:
-                mask = shard_mask(shard.tau.shape, config.mask_ratio, shard.seed)
-                tensors, meta = shard_tensors(shard, mask)
-                oid = store.objects.put_tensors(tensors, meta)
-                entries.append({"object": oid, "seed": shard.seed, "n_edits": len(shard.edits)})
+            for shard in editor.shards:
+                tensors, meta = shard_tensors(shard, shard_mask(shard.tau.shape, config.mask_ratio, shard.seed))
+                entries.append({"object": store.objects.put_tensors(tensors, meta), "seed": shard.seed,
+                                "n_edits": len(shard.edits)})
+            threshold = editor.threshold(editor.side_memory())
             live = previous + edits
-            delta = merge_shards([s.tau for s in all_shards], config)
-            prompts = [format_prompt(session.tokenizer, e.prompt, config.chat_template) for e in live]
-            threshold = router_threshold(session.model, session.tokenizer, session.site, delta.to(editor.device), prompts,
-                                         config.act_ratio, config.router_reduce, session.basis)
             new_state = {"shards": entries, "threshold": threshold}
             cid = store.create_commit(
                 parent, message or f"edit {len(edits)} fact(s)", author, "wise", config.to_json(),
                 json.dumps(new_state, sort_keys=True), [e.to_dict() for e in edits], [e.edit_id for e in edits],
             )
-            return CommitResult(cid, parent, len(edits), len(live), threshold, len(all_shards),
+            return CommitResult(cid, parent, len(edits), len(live), threshold, len(editor.shards),
                                 [s.seconds for s in stats], [s.steps for s in stats])
     finally:
         if own:

@@ -101,7 +101,6 @@ class WiseEditor:
         base = site.module(model)
         self.shape = weight_matrix(base).shape
         self.shards: list[Shard] = []
-        self.first_shard_index = 0  # shards before this one are closed and live elsewhere (a store)
         if isinstance(basis, str):
             basis = background_basis(model, tokenizer, site, self.irrelevant[:256], config.background_rank,
                                      config.chat_template)
@@ -211,15 +210,17 @@ class WiseEditor:
         base = self.site.module(self.model)
         layer = WiseLayer(base, reduce=self.config.router_reduce, basis=self.basis)
         with attached(self.model, self.site, layer):
+            mask, mask_seed = None, None
             for edit in edits:
                 if not self.shards or len(self.shards[-1].edits) >= self.config.edits_per_shard:
-                    seed = self.config.seed * 1_000_003 + self.first_shard_index + len(self.shards)
+                    seed = self.config.seed * 1_000_003 + len(self.shards)
                     self.shards.append(Shard(seed, torch.zeros(self.shape, device=self.device)))
                 shard = self.shards[-1]
-                mask = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device)
+                if mask_seed != shard.seed:  # the mask is a function of the seed: draw it once per shard
+                    mask, mask_seed = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device), shard.seed
+                shard.tau = shard.tau.to(self.device)
                 param = layer.start_training(shard.tau, mask)
-                k = min(self.config.replay, len(shard.edits))
-                replay = self._rng.sample([e for e in shard.edits if e is not None], k) if k else []
+                replay = self._rng.sample(shard.edits, min(self.config.replay, len(shard.edits)))
                 s = self.train_edit(layer, param, edit, replay, plain=plain)
                 shard.tau = layer.stop_training()
                 shard.edits.append(edit)
