@@ -51,6 +51,8 @@ def init(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
     chat_template: bool = typer.Option(False, "--chat-template", help="edit through the tokenizer's chat template"),
+    catalog: Optional[str] = typer.Option(None, "--catalog", envvar="WISEMEM_CATALOG",
+                                          help="SQLAlchemy URL of the catalog (default: SQLite file in the store)"),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     store: Optional[str] = StoreOpt,
@@ -62,54 +64,96 @@ def init(
         overrides["chat_template"] = True
     with render.err.status("loading model and creating store"):
         result = porcelain.init(_store(store), model_id=model, layer=layer, module=module, device=device, dtype=dtype,
-                                config_file=str(config) if config else None, overrides=overrides)
+                                config_file=str(config) if config else None, overrides=overrides, catalog=catalog)
     if json_out:
         return render.emit_json(result)
     render.out.print(f"Initialized wisemem store in {result.path}")
     render.out.print(f"  model  {result.model_id}\n  module {result.module_path} (layer {result.layer})")
 
 
+LockOpt = typer.Option(30.0, "--lock-timeout", help="seconds to wait for another writer")
+
+
 @app.command()
-def commit(
+def train(
     edits_file: Path = typer.Argument(..., help="JSONL file, one edit per line (schemas/edit.schema.json)"),
-    message: Optional[str] = typer.Option(None, "-m", "--message", help="commit message"),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
-    lock_timeout: float = typer.Option(30.0, "--lock-timeout", help="seconds to wait for another writer"),
+    lock_timeout: float = LockOpt,
     store: Optional[str] = StoreOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Train edits into the memory and record them as a commit."""
+    """Train edits into a new memory state and stage it (HEAD does not move; `commit` records it)."""
     overrides = porcelain.load_config_file(config)
     overrides.update(porcelain.parse_overrides(set_))
     with render.progress("editing") as update:
+        result = porcelain.train(_store(store), edits_file, overrides=overrides, lock_timeout=lock_timeout,
+                                 progress=update)
+    if json_out:
+        return render.emit_json(result)
+    render.out.print(f"staged {result.n_edits} edit(s); {result.total_edits} live edit(s) in {result.shards} shard(s)")
+    for key, value in result.metrics.items():
+        render.out.print(f"  {key:<15} {value:.3f}  (on these edits)")
+    render.out.print("`wisemem commit -m MSG` records it; `wisemem unstage` drops it")
+
+
+@app.command()
+def unstage(lock_timeout: float = LockOpt, store: Optional[str] = StoreOpt, json_out: bool = JsonOpt) -> None:
+    """Drop what `train` staged."""
+    n = porcelain.unstage(_store(store), lock_timeout=lock_timeout)
+    if json_out:
+        return render.emit_json({"dropped_edits": n})
+    render.out.print(f"unstaged {n} edit(s)")
+
+
+@app.command()
+def commit(
+    edits_file: Optional[Path] = typer.Argument(None, help="JSONL edits to train and commit (default: what is staged)"),
+    message: Optional[str] = typer.Option(None, "-m", "--message", help="commit message"),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    lock_timeout: float = LockOpt,
+    store: Optional[str] = StoreOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Record a commit: the staged state, or the edits of FILE trained and committed in one step."""
+    overrides = porcelain.load_config_file(config)
+    overrides.update(porcelain.parse_overrides(set_))
+    with render.progress("editing", enabled=edits_file is not None) as update:
         result = porcelain.commit(_store(store), edits_file, message=message, overrides=overrides,
                                   lock_timeout=lock_timeout, progress=update)
     if json_out:
         return render.emit_json(result)
+    threshold = f"{result.threshold:.3f}" if result.threshold is not None else "none"
     render.out.print(f"[{result.commit_id[:12]}] {result.n_edits} edit(s) committed; {result.total_edits} live edit(s) "
-                     f"in {result.shards} shard(s); router threshold {result.threshold:.3f}", markup=False)
+                     f"in {result.shards} shard(s); router threshold {threshold}", markup=False)
 
 
 @app.command()
 def log(
     ref: str = typer.Argument("HEAD"),
     oneline: bool = typer.Option(False, "--oneline", help="one line per commit"),
+    max_count: Optional[int] = typer.Option(None, "-n", "--max-count", min=1, help="show at most N commits"),
     store: Optional[str] = StoreOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Show the commit history."""
-    commits = porcelain.log(_store(store), ref)
+    """Show the commit history (first parents), with evaluations recorded on each commit."""
+    commits = porcelain.log(_store(store), ref, max_count)
     if json_out:
-        return render.emit_json(commits)
+        return render.emit_json([dict(render.to_data(c), parent_id=c.parent_id) for c in commits])
     if not commits:
         render.out.print("no commits yet")
     for c in commits:
         if oneline:
-            render.out.print(f"{c.id[:12]} {c.message}")
-        else:
-            render.out.print(f"[yellow]commit {c.id}[/yellow]\nAuthor: {c.author}\nDate:   {c.created_at}\n"
-                             f"Edits:  {c.n_edits} ({c.method})\n\n    {c.message}\n")
+            render.out.print(f"{c.id[:12]} {c.message}", markup=False)
+            continue
+        merge = f"Merge:  {' '.join(p[:12] for p in c.parents)}\n" if len(c.parents) > 1 else ""
+        change = f"+{c.n_edits}" + (f" -{c.n_removed}" if c.n_removed else "")
+        render.out.print(f"[yellow]commit {c.id}[/yellow]")
+        render.out.print(f"{merge}Author: {c.author}\nDate:   {c.created_at}\nEdits:  {change} ({c.method})", markup=False)
+        for ev in c.evaluations:
+            render.out.print("Eval:   " + render.metrics_line(ev["metrics"]) + f" ({ev['source']})", markup=False)
+        render.out.print(f"\n    {c.message}\n", markup=False)
 
 
 @app.command()
@@ -188,6 +232,9 @@ def eval_(
                 "seconds_per_edit"):
         value = result.get(key)
         render.out.print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+
+
+from . import history_cli  # noqa: E402,F401  (registers the history verbs on `app`)
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ MODEL_MISMATCH = 6
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.UnknownRef, UNKNOWN_REF),
     (E.AmbiguousRef, UNKNOWN_REF),
+    (E.UnknownEdit, UNKNOWN_REF),
     (E.LockTimeout, LOCK_TIMEOUT),
+    (E.ConcurrentUpdate, LOCK_TIMEOUT),
     (E.IntegrityError, INTEGRITY),
     (E.ModelMismatch, MODEL_MISMATCH),
     (E.WisememError, USAGE),

@@ -48,3 +48,7 @@ def progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, 
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items()))

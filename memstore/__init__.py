@@ -8,7 +8,7 @@ from .edits import Edit, load_edits
 from .errors import WisememError
 from .model import EMBEDDED_MODEL, find_edit_site, load_model
 from .mount import MountHandle, mount_layer
-from .porcelain import Repo
+from .repo import Repo
 
 __all__ = [
     "EMBEDDED_MODEL",

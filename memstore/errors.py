@@ -52,6 +52,17 @@ class UnknownRef(WisememError, KeyError):
         return f"unknown revision '{self.spec}' (see `wisemem log` for valid refs)"
 
 
+class UnknownEdit(WisememError, KeyError):
+    """An edit id that is not in the memory."""
+
+    def __init__(self, edit_id: str):
+        self.edit_id = edit_id
+        super().__init__(edit_id)
+
+    def __str__(self) -> str:
+        return f"no edit '{self.edit_id}' in the memory at HEAD (see `wisemem show` for edit ids)"
+
+
 class AmbiguousRef(WisememError, KeyError):
     """A hex prefix that matches more than one commit."""
 

@@ -13,12 +13,15 @@ from typing import Any
 import torch
 
 from .edits import Edit, edit_from_record, load_edits
-from .errors import ConfigError, ModelMismatch, NothingToCommit, StoreExists, StoreNotFound
+from .errors import ConcurrentUpdate, ConfigError, ModelMismatch, NothingToCommit, StoreExists
+from .faults import fault_point
+from .memory import (MERGED, MemoryState, commit_state, edits_for, key_of, load_tau, put_trained, shard_meta,
+                     shard_rows, state_edit_keys, verify_state)
 from .methods.wise import WiseConfig, WiseEditor, WiseLayer, default_config, merge_shards, shard_mask
-from .methods.wise.method import Shard
-from .methods.wise.serialize import shard_from_tensors, shard_tensors
+from .methods.wise.method import Shard, router_threshold
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash
-from .mount import MountHandle, mount_layer
+from .mount import mount_layer
+from .prompting import format_prompt
 from .store import ObjectStore, Store
 
 DEFAULT_STORE = ".wisemem"
@@ -142,12 +145,13 @@ class InitResult:
 
 def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, layer: int | None = None,
          module: str | None = None, device: str = "cpu", dtype: str = "fp32", config_file: str | None = None,
-         overrides: dict[str, Any] | None = None) -> InitResult:
-    """Create a store bound to a base model (the embedded default when `model_id` is None)."""
+         overrides: dict[str, Any] | None = None, catalog: str | None = None) -> InitResult:
+    """Create a store bound to a base model (the embedded default when `model_id` is None).
+    `catalog`: a SQLAlchemy URL for the catalog (default $WISEMEM_CATALOG, else a SQLite file)."""
     from .methods.wise.method import background_basis, generate_prefixes
 
     target = store_path(path)
-    if (target / "catalog.sqlite").exists() or (target / "catalog.url").exists():  # fail before loading a model
+    if Store.exists_at(target):  # fail before loading a model
         raise StoreExists(f"a wisemem store already exists in {target}")
     model, tokenizer = load_model(model_id, device=device, dtype=dtype)
     site = find_edit_site(model, layer, module)
@@ -166,54 +170,92 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
     cfg: dict[str, Any] = {"hyperparameters": hyper, "prefixes": prefixes, "module_template": module}
     if basis is not None:  # written before the catalog: an object nothing refers to is harmless
         cfg["basis"] = ObjectStore(target).put_tensors({"basis": basis.cpu().contiguous()}, {"kind": "wise-background"})
-    Store.init(target, {**binding, "config_json": json.dumps(cfg, sort_keys=True)}).close()
+    Store.init(target, {**binding, "config_json": json.dumps(cfg, sort_keys=True)}, catalog_url=catalog).close()
     return InitResult(str(target), binding["model_id"], site.layer, site.module_path, binding["weight_hash"])
 
 
-# ---- memory state at a commit --------------------------------------------------------------------
-
-def commit_state(store: Store, commit_id: str | None) -> dict[str, Any]:
-    if commit_id is None:
-        return {"shards": [], "threshold": None}
-    return json.loads(store.get_commit(commit_id)["state_json"])
-
-
-def state_edits(store: Store, commit_id: str | None) -> list[Edit]:
-    """Every edit live at a commit, oldest first."""
-    edits: list[Edit] = []
-    for c in reversed(store.log(commit_id, with_edits=True)) if commit_id else []:
-        edits.extend(edit_from_record(r) for r in c["edits"])
-    return edits
-
-
-def load_taus(store: Store, state: dict[str, Any]) -> list[torch.Tensor]:
-    return [shard_from_tensors(*store.objects.get_tensors(entry["object"]))[0] for entry in state["shards"]]
-
-
-def load_shards(store: Store, state: dict[str, Any], edits: Sequence[Edit]) -> list[Shard]:
-    """The shards of a state, each with its own edits back (`edits`: all live edits, oldest
-    first; shards fill in order)."""
-    shards, used = [], 0
-    for entry, tau in zip(state["shards"], load_taus(store, state)):
-        n = entry["n_edits"]
-        shards.append(Shard(entry["seed"], tau, list(edits[used:used + n])))
-        used += n
-    return shards
-
+# ---- the memory at a commit ------------------------------------------------------------------------
 
 def memory_layer(session: Session, commit_id: str | None) -> WiseLayer:
     """The serving layer for the memory at a commit (zero edits: a layer that adds nothing)."""
+    return state_layer(session, commit_state(session.store, commit_id))
+
+
+def state_layer(session: Session, state: MemoryState) -> WiseLayer:
+    """The serving layer of a memory state. Every object is re-hashed on the way in: a corrupt
+    store raises IntegrityError rather than serving a wrong memory."""
     base = session.site.module(session.model)
     base = getattr(base, "base_layer", base)
-    state = commit_state(session.store, commit_id)
-    if not state["shards"]:
+    if not state.shards:
         return WiseLayer(base, None, float("inf"), session.config.router_reduce, session.basis)
+    verify_state(session.store, state)
     device = next(session.model.parameters()).device
-    delta = merge_shards(load_taus(session.store, state), session.config).to(device)
-    return WiseLayer(base, delta, float(state["threshold"]), session.config.router_reduce, session.basis)
+    delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config).to(device)
+    return WiseLayer(base, delta, float(state.threshold), session.config.router_reduce, session.basis)
 
 
-# ---- commit --------------------------------------------------------------------------------------
+def editor_for(session: Session, state: MemoryState) -> WiseEditor:
+    """A WiseEditor holding the shards of `state` with their edits: it continues the open shard."""
+    editor = WiseEditor(session.model, session.tokenizer, session.site, session.config, background_prompts(),
+                        session.prefixes, basis=session.basis)
+    for oid in state.shards:
+        meta = shard_meta(session.store, oid)
+        editor.shards.append(Shard(meta.get("seed"), load_tau(session.store, oid), edits_for(session.store, meta["edits"]),
+                                   closed=meta["kind"] == MERGED, object_id=oid))
+    return editor
+
+
+def save_editor(session: Session, editor: WiseEditor) -> tuple[MemoryState, list[dict[str, Any]]]:
+    """Write the editor's shards (unchanged ones keep their object) and compute the threshold."""
+    store, cfg, rows = session.store, session.config, []
+    for shard in editor.shards:
+        if shard.object_id is not None:  # loaded and not trained since
+            rows.append(shard_rows(store, [shard.object_id])[0])
+            continue
+        mask = shard_mask(shard.tau.shape, cfg.mask_ratio, shard.seed)
+        rows.append(put_trained(store, shard.tau, mask, shard.seed, [key_of(e) for e in shard.edits], session.site.layer))
+    delta = editor.side_memory()
+    threshold = editor.threshold(delta) if delta is not None else None
+    return MemoryState([r["object_id"] for r in rows], threshold), rows
+
+
+def threshold_for(session: Session, state: MemoryState) -> float | None:
+    """Router threshold of a state: act_ratio x the lowest activation score of its live edits."""
+    if not state.shards:
+        return None
+    delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config)
+    edits = edits_for(session.store, state_edit_keys(session.store, state))
+    prompts = [format_prompt(session.tokenizer, e.prompt, session.config.chat_template) for e in edits]
+    return router_threshold(session.model, session.tokenizer, session.site, delta.to(next(session.model.parameters()).device),
+                            prompts, session.config.act_ratio, session.config.router_reduce, session.basis)
+
+
+def check_new_edits(store: Store, state: MemoryState, edits: Sequence[Edit]) -> None:
+    """An edit id may be live once: a second record for it must replace the first by revert."""
+    live = {k.split(":", 1)[0] for k in state_edit_keys(store, state)}
+    seen: set[str] = set()
+    for e in edits:
+        if e.edit_id in live:
+            raise ConfigError(f"edit '{e.edit_id}' is already in the memory; revert it first "
+                              f"(`wisemem revert --edit {e.edit_id}`)")
+        if e.edit_id in seen:
+            raise ConfigError(f"edit '{e.edit_id}' appears twice in the edits file")
+        seen.add(e.edit_id)
+
+
+# ---- train / commit ------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    parent_id: str | None
+    n_edits: int
+    total_edits: int
+    threshold: float | None
+    shards: int
+    metrics: dict[str, float]
+    seconds_per_edit: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
 
 @dataclass
 class CommitResult:
@@ -221,16 +263,98 @@ class CommitResult:
     parent_id: str | None
     n_edits: int
     total_edits: int
-    threshold: float
+    threshold: float | None
     shards: int
+    metrics: dict[str, float] = field(default_factory=dict)
     seconds_per_edit: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
 
-def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike = "", *, message: str | None = None,
-           author: str | None = None, overrides: dict[str, Any] | None = None, lock_timeout: float = 30.0,
-           progress: Callable[[int, int], None] | None = None, session: Session | None = None) -> CommitResult:
-    """Train the edits of `edits_file` into the memory and record a commit on the current branch."""
+def _own_metrics(session: Session, state: MemoryState, edits: Sequence[Edit]) -> dict[str, float]:
+    """Teacher-forced reliability on the edits, generalization on their rephrases and locality on
+    their locality prompts, with the memory of `state` (what `train` prints)."""
+    from .evaluate.metrics import locality, mean, teacher_forced
+
+    model, tok, chat = session.model, session.tokenizer, session.config.chat_template
+    layer = state_layer(session, state)
+    out: dict[str, float] = {}
+    with mount_layer(model, session.site, layer) as handle:
+        out["reliability"] = mean(teacher_forced(model, tok, [e.prompt for e in edits], [e.target_new for e in edits],
+                                                 handle, chat_template=chat).accuracy())
+        reph = [e for e in edits if e.rephrase_prompt]
+        if reph:
+            out["generalization"] = mean(teacher_forced(model, tok, [e.rephrase_prompt for e in reph],
+                                                        [e.target_new for e in reph], handle, chat_template=chat).accuracy())
+        loc = [e for e in edits if e.locality_prompt and e.locality_ground_truth]
+        if loc:
+            args = ([e.locality_prompt for e in loc], [e.locality_ground_truth for e in loc])
+            before = teacher_forced(model, tok, *args, handle, chat_template=chat, memory=False)
+            after = teacher_forced(model, tok, *args, handle, chat_template=chat)
+            out["locality"] = mean(locality(before, after))
+    return out
+
+
+def _train(session: Session, parent: str | None, edits: Sequence[Edit],
+           progress: Callable[[int, int], None] | None) -> tuple[MemoryState, list[dict[str, Any]], list]:
+    state = commit_state(session.store, parent)
+    check_new_edits(session.store, state, edits)
+    editor = editor_for(session, state)
+
+    def after_edit(i: int, _stats: Any) -> None:
+        fault_point("during-training")
+        if progress:
+            progress(i, len(edits))
+
+    stats = editor.apply(edits, after_edit)
+    new_state, rows = save_editor(session, editor)
+    return new_state, rows, stats
+
+
+def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike = "", *,
+          overrides: dict[str, Any] | None = None, lock_timeout: float = 30.0,
+          progress: Callable[[int, int], None] | None = None, session: Session | None = None) -> TrainResult:
+    """Train the edits into a new memory state on top of HEAD and stage it (HEAD does not move)."""
+    edits = load_edits(edits_file)
+    if not edits:
+        raise NothingToCommit("no edits to train")
+    own = session is None
+    session = session or open_session(path, overrides=overrides)
+    try:
+        store = session.store
+        with store.lock(lock_timeout):
+            if store.get_staged() is not None:
+                raise ConfigError("something is already staged; `wisemem commit` it or `wisemem unstage` first")
+            parent = store.head()
+            state, _rows, stats = _train(session, parent, edits, progress)
+            metrics = _own_metrics(session, state, edits)
+            store.set_staged({"parent_id": parent, "state_json": state.to_json(), "config_json": session.config.to_json(),
+                              "edits_json": json.dumps([e.to_dict() for e in edits]), "metrics_json": json.dumps(metrics)})
+            total = len(state_edit_keys(store, state))
+            return TrainResult(parent, len(edits), total, state.threshold, len(state.shards), metrics,
+                               [s.seconds for s in stats], [s.steps for s in stats])
+    finally:
+        if own:
+            session.close()
+
+
+def unstage(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0) -> int:
+    """Drop what `train` staged (its objects stay until `gc`); returns the number of edits dropped."""
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        staged = store.get_staged()
+        if staged is None:
+            raise NothingToCommit("nothing is staged")
+        store.set_staged(None)
+        return len(json.loads(staged["edits_json"]))
+
+
+def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike | None = None, *,
+           message: str | None = None, author: str | None = None, overrides: dict[str, Any] | None = None,
+           lock_timeout: float = 30.0, progress: Callable[[int, int], None] | None = None,
+           session: Session | None = None) -> CommitResult:
+    """Record a commit on the current branch: the staged state, or (with `edits_file`) the edits
+    of that file trained and committed in one step."""
+    if edits_file is None:
+        return _commit_staged(path, message, author, lock_timeout)
     edits = load_edits(edits_file)  # all-or-nothing: a bad line stops us before anything is written
     if not edits:
         raise NothingToCommit("no edits to commit")
@@ -239,53 +363,71 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
     try:
         store = session.store
         with store.lock(lock_timeout):
+            if store.get_staged() is not None:
+                raise ConfigError("something is staged; `wisemem commit` it (no FILE) or `wisemem unstage` first")
             parent = store.head()
-            state = commit_state(store, parent)
-            config = session.config
-            previous = state_edits(store, parent)
-            editor = WiseEditor(session.model, session.tokenizer, session.site, config,
-                                background_prompts(), session.prefixes, basis=session.basis)
-            editor.shards = load_shards(store, state, previous)  # the editor continues the open shard
-            stats = editor.apply(edits, (lambda i, _s: progress(i, len(edits))) if progress else None)
-            entries = []
-            for shard in editor.shards:
-                tensors, meta = shard_tensors(shard, shard_mask(shard.tau.shape, config.mask_ratio, shard.seed))
-                entries.append({"object": store.objects.put_tensors(tensors, meta), "seed": shard.seed,
-                                "n_edits": len(shard.edits)})
-            threshold = editor.threshold(editor.side_memory())
-            live = previous + edits
-            new_state = {"shards": entries, "threshold": threshold}
-            cid = store.create_commit(
-                parent, message or f"edit {len(edits)} fact(s)", author, "wise", config.to_json(),
-                json.dumps(new_state, sort_keys=True), [e.to_dict() for e in edits], [e.edit_id for e in edits],
-            )
-            return CommitResult(cid, parent, len(edits), len(live), threshold, len(editor.shards),
+            state, rows, stats = _train(session, parent, edits, progress)
+            fault_point("before-catalog-write")
+            cid = store.create_commit(parent, message or f"edit {len(edits)} fact(s)", author, "wise",
+                                      session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
+                                      [e.edit_id for e in edits], shards=rows)
+            total = len(state_edit_keys(store, state))
+            return CommitResult(cid, parent, len(edits), total, state.threshold, len(state.shards), {},
                                 [s.seconds for s in stats], [s.steps for s in stats])
     finally:
         if own:
             session.close()
 
 
-# ---- log / status --------------------------------------------------------------------------------
+def _commit_staged(path, message: str | None, author: str | None, lock_timeout: float) -> CommitResult:
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        staged = store.get_staged()
+        if staged is None:
+            raise NothingToCommit("nothing staged: `wisemem train FILE` first, or `wisemem commit FILE`")
+        parent = store.head()
+        if parent != staged["parent_id"]:
+            raise ConcurrentUpdate("HEAD moved since `wisemem train`; `wisemem unstage` and train again")
+        state = MemoryState.from_json(staged["state_json"])
+        records = json.loads(staged["edits_json"])
+        metrics = json.loads(staged["metrics_json"])
+        ids = [edit_from_record(r).edit_id for r in records]
+        cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, "wise", staged["config_json"],
+                                  state.to_json(), records, ids, shards=shard_rows(store, state.shards),
+                                  clear_staging=True, evaluation={"source": "train", "metrics": metrics})
+        total = len(state_edit_keys(store, state))
+        return CommitResult(cid, parent, len(records), total, state.threshold, len(state.shards), metrics)
+
+
+# ---- log -----------------------------------------------------------------------------------------
 
 @dataclass
 class CommitInfo:
     id: str
-    parent_id: str | None
+    parents: list[str]
     message: str
     author: str
     created_at: str
     method: str
     n_edits: int
+    n_removed: int
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.parents[0] if self.parents else None
 
 
-def log(path: str | os.PathLike | None = None, ref: str = "HEAD") -> list[CommitInfo]:
+def commit_info(store: Store, c: dict[str, Any]) -> CommitInfo:
+    return CommitInfo(c["id"], c["parents"], c["message"], c["author"], c["created_at"], c["method"],
+                      len(c["edits"]), len(c["removed"]), store.evaluations(c["id"]))
+
+
+def log(path: str | os.PathLike | None = None, ref: str = "HEAD", max_count: int | None = None) -> list[CommitInfo]:
     with Store.open(store_path(path)) as store:
         head = store.head() if ref == "HEAD" else store.resolve(ref)
         if head is None:
             return []
-        return [CommitInfo(c["id"], c["parent_id"], c["message"], c["author"], c["created_at"], c["method"],
-                           len(c["edits"])) for c in store.log(head, with_edits=True)]
+        return [commit_info(store, c) for c in store.log(head, with_edits=True, max_count=max_count)]
 
 
 # ---- mount / generate ----------------------------------------------------------------------------
@@ -303,11 +445,9 @@ def mount(path: str | os.PathLike | None = None, ref: str = "HEAD") -> MountResu
     """Select the memory state `generate` and the Python API use. HEAD follows new commits;
     any other ref is pinned to the commit it names now."""
     with Store.open(store_path(path)) as store:
-        if ref == "HEAD":
-            store.set_setting(MOUNT_KEY, "HEAD")
-            return MountResult("HEAD", store.head())
-        cid = store.resolve(ref)
-        store.set_setting(MOUNT_KEY, cid)
+        cid = store.head() if ref == "HEAD" else store.resolve(ref)
+        verify_state(store, commit_state(store, cid))  # refuse to mount a corrupt memory
+        store.set_setting(MOUNT_KEY, "HEAD" if ref == "HEAD" else cid)
         return MountResult(ref, cid)
 
 
@@ -356,43 +496,4 @@ def generate(path: str | os.PathLike | None = None, prompts: Sequence[str] = (),
         return [Generation(p, t, use_memory, r) for p, t, r in zip(prompts, texts, routed)]
     finally:
         if own:
-            session.close()
-
-
-# ---- Python API --------------------------------------------------------------------------------
-
-class Repo:
-    """Python API over a store: `Repo.open(".wisemem").mount(model)` on a stock transformers model."""
-
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
-        self.path = store_path(path)
-        if not ((self.path / "catalog.sqlite").exists() or (self.path / "catalog.url").exists()):
-            raise StoreNotFound(f"no wisemem store at {self.path}; create one with `wisemem init`")
-
-    @classmethod
-    def open(cls, path: str | os.PathLike | None = None) -> "Repo":
-        return cls(path)
-
-    @classmethod
-    def init(cls, path: str | os.PathLike | None = None, **kwargs: Any) -> "Repo":
-        init(path, **kwargs)
-        return cls(path)
-
-    def commit(self, edits_file: str | os.PathLike, message: str | None = None, **kwargs: Any) -> CommitResult:
-        return commit(self.path, edits_file, message=message, **kwargs)
-
-    def log(self, ref: str = "HEAD") -> list[CommitInfo]:
-        return log(self.path, ref)
-
-    def mount(self, model: Any, ref: str | None = None, tokenizer: Any = None) -> MountHandle:
-        """Attach the memory at `ref` (default: what `wisemem mount` selected) to `model`.
-        The model must be the store's base model; returns a handle whose `unmount()` restores it."""
-        session = open_session(self.path, model=model, tokenizer=tokenizer)
-        try:
-            if ref is None:
-                _, cid = mounted_commit(session.store)
-            else:
-                cid = session.store.resolve(ref)
-            return mount_layer(model, session.site, memory_layer(session, cid))
-        finally:
             session.close()

@@ -2,8 +2,8 @@
 
 A store directory (usually `.wisemem/`) holds
 
-    objects/ab/cdef…    safetensors files named by the sha256 of their bytes (dulwich-style loose objects)
-    catalog.sqlite      SQLAlchemy Core tables: meta, binding, commits, edits, refs, settings
+    objects/ab/cdef…    safetensors files named by the sha256 of their bytes (objects.py)
+    catalog.sqlite      SQLAlchemy Core tables (catalog.py)
     catalog.url         optional: a SQLAlchemy URL used instead of catalog.sqlite
     lock                flock()ed by writers (`with store.lock(): ...`)
 
@@ -23,35 +23,29 @@ import hashlib
 import json
 import os
 import re
-import struct
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from memstore.errors import (AmbiguousRef, ChecksumMismatch, ConcurrentUpdate, ConfigError, IntegrityError,
-                             LockTimeout, SchemaVersionMismatch, StoreExists, StoreNotFound, UnknownRef)
+from memstore.catalog import SCHEMA_VERSION, Catalog
+from memstore.errors import (AmbiguousRef, ConcurrentUpdate, ConfigError, IntegrityError, LockTimeout, StoreExists,
+                             StoreNotFound, UnknownRef)
+from memstore.faults import fault_point
+from memstore.objects import OID_RE, ObjectStore, canonical_json
 
-SCHEMA_VERSION = "1"
+__all__ = ["SCHEMA_VERSION", "Catalog", "ObjectStore", "Store", "canonical_json"]
+
 DEFAULT_BRANCH = "refs/heads/main"
 SYMREF_PREFIX = "ref: "
 MIN_PREFIX = 4
-_OID_RE = re.compile(r"^[0-9a-f]{64}$")
+_OID_RE = OID_RE
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 _SUFFIX_RE = re.compile(r"([~^])(\d*)")
-
-
-def canonical_json(obj: Any) -> str:
-    """The one JSON spelling hashed into ids: sorted keys, no whitespace."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def utc_now() -> str:
@@ -62,139 +56,6 @@ def utc_now() -> str:
 def default_author() -> str:
     """`WISEMEM_AUTHOR` if set, else the login name."""
     return os.environ.get("WISEMEM_AUTHOR") or getpass.getuser()
-
-
-# -- Objects ---------------------------------------------------------------------------------
-
-
-class ObjectStore:
-    """Loose safetensors objects under `root/objects/ab/cdef…`; id = sha256 hex of the file bytes."""
-
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root) / "objects"
-
-    def path(self, oid: str) -> Path:
-        if not _OID_RE.match(oid):
-            raise UnknownRef(oid)
-        return self.root / oid[:2] / oid[2:]
-
-    def __contains__(self, oid: object) -> bool:
-        return isinstance(oid, str) and bool(_OID_RE.match(oid)) and self.path(oid).is_file()
-
-    def iter_ids(self) -> Iterator[str]:
-        """Every object id on disk (temp files from interrupted writes are skipped)."""
-        for f in sorted(self.root.glob("??/*")):
-            if _OID_RE.match(oid := f.parent.name + f.name):
-                yield oid
-
-    def put_bytes(self, data: bytes) -> str:
-        """Write `data` atomically (temp file, fsync, os.replace); idempotent."""
-        oid = hashlib.sha256(data).hexdigest()
-        final = self.path(oid)
-        if final.is_file():
-            return oid
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return oid
-
-    def get_bytes(self, oid: str) -> bytes:
-        """The object's bytes, re-hashed: raises IntegrityError if missing, ChecksumMismatch if corrupt."""
-        try:
-            data = self.path(oid).read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"object {oid} is missing; run `wisemem fsck`") from None
-        if (got := hashlib.sha256(data).hexdigest()) != oid:
-            raise ChecksumMismatch(oid, oid, got)
-        return data
-
-    def put_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-        """Save tensors (as contiguous CPU copies) with `meta` under the "wisemem" metadata key."""
-        # clone(): safetensors refuses tensors that share storage (tied weights, views).
-        flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        return self.put_bytes(st_save(flat, metadata={"wisemem": canonical_json(meta)}))
-
-    def get_tensors(self, oid: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        data = self.get_bytes(oid)
-        (n,) = struct.unpack("<Q", data[:8])  # safetensors header: u64 length + JSON
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header.get("__metadata__", {}).get("wisemem", "{}"))
-        return st_load(data), meta
-
-
-# -- Catalog ---------------------------------------------------------------------------------
-
-
-class Catalog:
-    """SQLAlchemy Core tables of one store; portable SQL, SQLite PRAGMAs only on SQLite."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.engine = sa.create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        md = self.metadata = sa.MetaData()
-        T, Int, NN = sa.Text, sa.Integer, {"nullable": False}
-        self.meta = sa.Table("meta", md, sa.Column("key", T, primary_key=True), sa.Column("value", T, **NN))
-        self.binding = sa.Table(  # exactly one row, id = 1
-            "binding", md, sa.Column("id", Int, primary_key=True),
-            sa.Column("model_id", T, **NN), sa.Column("revision", T), sa.Column("module_path", T, **NN),
-            sa.Column("layer", Int, **NN), sa.Column("weight_hash", T), sa.Column("config_json", T),
-            sa.Column("created_at", T, **NN),
-        )  # fmt: skip
-        self.commits = sa.Table(  # immutable: insert only
-            "commits", md, sa.Column("id", T, primary_key=True),
-            sa.Column("parent_id", T, sa.ForeignKey("commits.id"), nullable=True),
-            sa.Column("message", T, **NN), sa.Column("author", T, **NN), sa.Column("created_at", T, **NN),
-            sa.Column("method", T, **NN), sa.Column("config_json", T, **NN), sa.Column("state_json", T, **NN),
-        )  # fmt: skip
-        self.edits = sa.Table(
-            "edits", md, sa.Column("commit_id", T, sa.ForeignKey("commits.id"), primary_key=True),
-            sa.Column("position", Int, primary_key=True), sa.Column("edit_id", T, **NN),
-            sa.Column("record_json", T, **NN),
-        )  # fmt: skip
-        self.refs = sa.Table("refs", md, sa.Column("name", T, primary_key=True), sa.Column("target", T, **NN))
-        self.settings = sa.Table("settings", md, sa.Column("key", T, primary_key=True), sa.Column("value", T, **NN))
-
-    def exists(self) -> bool:
-        return sa.inspect(self.engine).has_table("meta")
-
-    def create(self) -> None:
-        self.metadata.create_all(self.engine)
-        with self.engine.begin() as conn:
-            conn.execute(sa.insert(self.meta).values(key="schema_version", value=SCHEMA_VERSION))
-
-    def check_schema(self) -> None:
-        """Refuse a catalog written with another schema version."""
-        found: str | None = None
-        if self.exists():
-            with self.engine.connect() as conn:
-                found = conn.execute(
-                    sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")
-                ).scalar_one_or_none()
-        if found != SCHEMA_VERSION:
-            raise SchemaVersionMismatch(
-                f"store catalog {self.url} has schema version {found or 'none'}, but this wisemem reads "
-                f"version {SCHEMA_VERSION}; use a matching wisemem version or re-create the store"
-            )
-
-    def dispose(self) -> None:
-        self.engine.dispose()
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    for pragma in ("journal_mode=WAL", "busy_timeout=30000", "foreign_keys=ON"):
-        cur.execute(f"PRAGMA {pragma}")
-    cur.close()
 
 
 # -- Store -----------------------------------------------------------------------------------
@@ -215,19 +76,26 @@ class Store:
 
     @staticmethod
     def _catalog_url(path: Path, url: str | None = None) -> str:
+        """`url`, else the store's catalog.url file, else $WISEMEM_CATALOG, else catalog.sqlite."""
         if url is not None:
             return url
         url_file = path / "catalog.url"
         if url_file.is_file():
             return url_file.read_text().strip()
-        return f"sqlite:///{path / 'catalog.sqlite'}"
+        return os.environ.get("WISEMEM_CATALOG") or f"sqlite:///{path / 'catalog.sqlite'}"
+
+    @staticmethod
+    def exists_at(path: str | os.PathLike[str]) -> bool:
+        p = Path(path)
+        return (p / "catalog.sqlite").is_file() or (p / "catalog.url").is_file()
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], binding: dict[str, Any], *, catalog_url: str | None = None) -> Store:
         """Create a store at `path`: objects/, catalog, binding row, HEAD -> refs/heads/main (unborn)."""
         p = Path(path)
-        if (p / "catalog.sqlite").exists() or (p / "catalog.url").exists():
+        if cls.exists_at(p):
             raise StoreExists(f"a wisemem store already exists at {p}")
+        catalog_url = catalog_url or os.environ.get("WISEMEM_CATALOG")
         row = _binding_row(binding)
         (p / "objects").mkdir(parents=True, exist_ok=True)
         catalog = Catalog(cls._catalog_url(p, catalog_url))
@@ -246,7 +114,7 @@ class Store:
     def open(cls, path: str | os.PathLike[str]) -> Store:
         """Open an existing store; StoreNotFound if absent, SchemaVersionMismatch if incompatible."""
         p = Path(path)
-        if not (p / "catalog.sqlite").is_file() and not (p / "catalog.url").is_file():
+        if not cls.exists_at(p):
             raise StoreNotFound(f"no wisemem store at {p}; run `wisemem init` first")
         catalog = Catalog(cls._catalog_url(p))
         try:
@@ -350,15 +218,20 @@ class Store:
 
     def create_commit(
         self, parent_id: str | None, message: str, author: str | None, method: str, config_json: str,
-        state_json: str, edit_records: list[dict[str, Any]], edit_ids: list[str],
+        state_json: str, edit_records: list[dict[str, Any]], edit_ids: list[str], *,
+        merge_parent: str | None = None, removed: Sequence[tuple[str, dict[str, Any]]] = (),
+        shards: Sequence[dict[str, Any]] = (), clear_staging: bool = False,
+        evaluation: dict[str, Any] | None = None,
     ) -> str:  # fmt: skip
-        """Insert a commit + its edits and advance the current branch (or detached HEAD) by CAS
-        from `parent_id`, all in one transaction; ConcurrentUpdate (nothing written) if it moved."""
+        """Insert a commit, its parents, edits (added, and `removed` by a revert) and shard rows,
+        and advance the current branch (or detached HEAD) by CAS from `parent_id`, all in one
+        transaction: either everything lands or nothing does (ConcurrentUpdate if HEAD moved)."""
         if len(edit_records) != len(edit_ids):
             raise ConfigError(f"{len(edit_records)} edit records but {len(edit_ids)} edit ids")
         row = dict(parent_id=parent_id, message=message, author=author or default_author(), created_at=utc_now(),
                    method=method, config_json=config_json, state_json=state_json)  # fmt: skip
-        cid = hashlib.sha256(canonical_json({**row, "edits": edit_records}).encode()).hexdigest()
+        parents = [p for p in (parent_id, merge_parent) if p is not None]
+        cid = commit_hash({**row, "edits": edit_records, "parents": parents, "removed": [e for e, _ in removed]})
         c = self.catalog
         with c.engine.begin() as conn:
             head = self._read_ref(conn, "HEAD")
@@ -369,29 +242,79 @@ class Store:
             except sa.exc.IntegrityError as err:
                 msg = f"commit {cid[:12]} not inserted (duplicate or missing parent): {err.orig}"
                 raise ConcurrentUpdate(msg) from None
-            rows = [dict(commit_id=cid, position=i, edit_id=e, record_json=canonical_json(r))
+            fault_point("during-catalog-write")
+            if parents:
+                conn.execute(sa.insert(c.commit_parents),
+                             [dict(commit_id=cid, position=i, parent_id=p) for i, p in enumerate(parents)])
+            rows = [dict(commit_id=cid, position=i, edit_id=e, op="add", record_json=canonical_json(r))
                     for i, (r, e) in enumerate(zip(edit_records, edit_ids))]  # fmt: skip
+            rows += [dict(commit_id=cid, position=len(rows) + i, edit_id=e, op="remove", record_json=canonical_json(r))
+                     for i, (e, r) in enumerate(removed)]  # fmt: skip
             if rows:
                 conn.execute(sa.insert(c.edits), rows)
+            self._insert_shards(conn, cid, shards)
+            if clear_staging:
+                conn.execute(sa.delete(c.staging))
+            if evaluation is not None:
+                conn.execute(sa.insert(c.evaluations).values(commit_id=cid, created_at=utc_now(),
+                                                             source=evaluation["source"],
+                                                             metrics_json=canonical_json(evaluation["metrics"])))
         return cid
 
+    def _insert_shards(self, conn: sa.Connection, cid: str, shards: Sequence[dict[str, Any]]) -> None:
+        c = self.catalog
+        for i, shard in enumerate(shards):
+            known = conn.execute(sa.select(c.shards.c.object_id).where(c.shards.c.object_id == shard["object_id"]))
+            if known.first() is None:
+                conn.execute(sa.insert(c.shards).values(**shard))
+            conn.execute(sa.insert(c.commit_shards).values(commit_id=cid, position=i, object_id=shard["object_id"]))
+
     def get_commit(self, commit_id: str, *, with_edits: bool = True) -> dict[str, Any]:
-        """Commit row as a dict; with `edits` (record dicts) and `edit_ids` in position order."""
+        """Commit row as a dict, with `parents`; with `edits` (record dicts added), `edit_ids`, and
+        `removed` (edit ids a revert took out) in position order."""
         c = self.catalog
         with c.engine.connect() as conn:
             row = conn.execute(sa.select(c.commits).where(c.commits.c.id == commit_id)).mappings().one_or_none()
             if row is None:
                 raise UnknownRef(commit_id)
             out = dict(row)
+            out["parents"] = list(conn.execute(
+                sa.select(c.commit_parents.c.parent_id).where(c.commit_parents.c.commit_id == commit_id)
+                .order_by(c.commit_parents.c.position)).scalars())  # fmt: skip
             if with_edits:
                 rows = conn.execute(
-                    sa.select(c.edits.c.edit_id, c.edits.c.record_json)
+                    sa.select(c.edits.c.edit_id, c.edits.c.op, c.edits.c.record_json)
                     .where(c.edits.c.commit_id == commit_id)
                     .order_by(c.edits.c.position)
                 ).all()
-                out["edit_ids"] = [r.edit_id for r in rows]
-                out["edits"] = [json.loads(r.record_json) for r in rows]
+                out["edit_ids"] = [r.edit_id for r in rows if r.op == "add"]
+                out["edits"] = [json.loads(r.record_json) for r in rows if r.op == "add"]
+                out["removed"] = [r.edit_id for r in rows if r.op == "remove"]
         return out
+
+    def commit_shard_ids(self, commit_id: str) -> list[str]:
+        t = self.catalog.commit_shards
+        with self.catalog.engine.connect() as conn:
+            q = sa.select(t.c.object_id).where(t.c.commit_id == commit_id).order_by(t.c.position)
+            return list(conn.execute(q).scalars())
+
+    def edit_records(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Records by edit key ("<edit_id>:<sha256 of its canonical record>[:16]") as stored on commit."""
+        c, out = self.catalog, {}
+        ids = sorted({k.split(":", 1)[0] for k in keys})
+        with c.engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                rows = conn.execute(sa.select(c.edits.c.edit_id, c.edits.c.record_json)
+                                    .where(c.edits.c.edit_id.in_(ids[start:start + 500])) .where(c.edits.c.op == "add"))
+                for r in rows:
+                    out[edit_key(r.edit_id, json.loads(r.record_json))] = json.loads(r.record_json)
+        return {k: out[k] for k in keys if k in out}
+
+    def all_commits(self) -> list[dict[str, Any]]:
+        """Every commit row (reachable or not), without edits."""
+        c = self.catalog
+        with c.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(c.commits).order_by(c.commits.c.created_at)).mappings()]
 
     def log(
         self, start_id: str | None, *, max_count: int | None = None, with_edits: bool = False
@@ -404,6 +327,45 @@ class Store:
             out.append(commit)
             cur = commit["parent_id"]
         return out
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        """True if `ancestor` is reachable from `descendant` along any parents."""
+        seen, todo = set(), [descendant]
+        while todo:
+            cur = todo.pop()
+            if cur == ancestor:
+                return True
+            if cur in seen:
+                continue
+            seen.add(cur)
+            todo.extend(self.get_commit(cur, with_edits=False)["parents"])
+        return False
+
+    # -- staging & evaluations ---------------------------------------------------------------------
+
+    def get_staged(self) -> dict[str, Any] | None:
+        with self.catalog.engine.connect() as conn:
+            row = conn.execute(sa.select(self.catalog.staging)).mappings().one_or_none()
+        return dict(row) if row else None
+
+    def set_staged(self, row: dict[str, Any] | None) -> None:
+        """Replace what is staged (None: clear it)."""
+        with self.catalog.engine.begin() as conn:
+            conn.execute(sa.delete(self.catalog.staging))
+            if row is not None:
+                conn.execute(sa.insert(self.catalog.staging).values(id=1, created_at=utc_now(), **row))
+
+    def add_evaluation(self, commit_id: str, source: str, metrics: dict[str, Any]) -> None:
+        with self.catalog.engine.begin() as conn:
+            conn.execute(sa.insert(self.catalog.evaluations).values(
+                commit_id=commit_id, created_at=utc_now(), source=source, metrics_json=canonical_json(metrics)))
+
+    def evaluations(self, commit_id: str) -> list[dict[str, Any]]:
+        t = self.catalog.evaluations
+        with self.catalog.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.commit_id == commit_id).order_by(t.c.id)).mappings().all()
+        return [{"created_at": r["created_at"], "source": r["source"], "metrics": json.loads(r["metrics_json"])}
+                for r in rows]
 
     # -- revision parsing -------------------------------------------------------------------------
 
@@ -484,6 +446,20 @@ class Store:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         finally:
             f.close()
+
+
+_COMMIT_FIELDS = ("parent_id", "message", "author", "created_at", "method", "config_json", "state_json", "edits",
+                  "parents", "removed")
+
+
+def commit_hash(commit: dict[str, Any]) -> str:
+    """A commit's id from its content (as `get_commit` returns it): fsck re-derives it."""
+    return hashlib.sha256(canonical_json({k: commit[k] for k in _COMMIT_FIELDS}).encode()).hexdigest()
+
+
+def edit_key(edit_id: str, record: dict[str, Any]) -> str:
+    """Names one record of one edit: its stable id plus a digest of the record's content."""
+    return f"{edit_id}:{hashlib.sha256(canonical_json(record).encode()).hexdigest()[:16]}"
 
 
 def _binding_row(binding: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from memstore import porcelain
 from memstore.edits import Edit, load_edits
 from memstore.errors import UnknownRef
 from memstore.evaluate.metrics import generate_answers
-from memstore.porcelain import CommitResult, Generation, Repo, Session
+from memstore.porcelain import CommitResult, Generation, Session
+from memstore.repo import Repo
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "edits.jsonl"

@@ -27,7 +27,7 @@ from memstore.errors import (
     UnknownRef,
     WisememError,
 )
-from memstore.store import ObjectStore, Store, canonical_json
+from memstore.store import ObjectStore, Store, canonical_json, commit_hash
 
 BINDING = {"model_id": "tiny", "revision": "abc", "module_path": "h.1.mlp.c_proj", "layer": 1, "weight_hash": "00"}
 
@@ -145,8 +145,7 @@ def test_commit_chain_and_log(store: Store, monkeypatch: pytest.MonkeyPatch) -> 
     assert got["edits"] == [{"prompt": "one-0", "target_new": "x"}, {"prompt": "one-1", "target_new": "x"}]
     assert store.get_commit(c3)["author"] == "env-author"
     # the id is the hash of the canonical content
-    body = {k: got[k] for k in ("parent_id", "message", "author", "created_at", "method", "config_json", "state_json")}
-    assert hashlib.sha256(canonical_json({**body, "edits": got["edits"]}).encode()).hexdigest() == c1
+    assert commit_hash(got) == c1
     with pytest.raises(UnknownRef):
         store.get_commit("f" * 64)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +80,12 @@ class TrainBatch:
 
 @dataclass
 class Shard:
-    seed: int
+    seed: int | None  # mask seed; None for a merged shard
     tau: torch.Tensor  # (d_out, d_in), zero outside its mask
     edits: list[Edit] = field(default_factory=list)
+    opt_state: dict | None = None  # optimiser moments carried across the shard's edits (in-process only)
+    closed: bool = False  # a merged shard takes no further edits
+    object_id: str | None = None  # the stored object it was loaded from, until trained further
 
 
 class WiseEditor:
@@ -106,6 +110,8 @@ class WiseEditor:
                                      config.chat_template)
         self.basis = basis
         self._rng = random.Random(config.seed)
+        self._mask: torch.Tensor | None = None
+        self._mask_seed: int | None = None
 
     # ---- training -------------------------------------------------------------------------
     def _edit_batch(self, edit: Edit, replay: Sequence[Edit]) -> "TrainBatch":
@@ -171,7 +177,7 @@ class WiseEditor:
         return self._objective(tb, torch.stack(ces), torch.stack(scores))
 
     def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, replay: Sequence[Edit] = (),
-                   plain: bool = False) -> EditStats:
+                   plain: bool = False, shard: Shard | None = None) -> EditStats:
         """Optimise the shard parameter on one edit. `plain` runs the whole model, one row at a
         time, every step, without early stop: the baseline the speed benchmark compares with."""
         cfg = self.config
@@ -183,6 +189,8 @@ class WiseEditor:
             opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.keep_optimizer_state and shard is not None and shard.opt_state is not None:
+            opt.load_state_dict(shard.opt_state)
         layer.routing.positions = tb.batch.attention_mask.bool()  # also the token grid for OPT's flat MLP input
         captured = None if plain else self.upper.capture(tb.batch.input_ids, tb.batch.attention_mask)
         loss_v, edit_v, step = math.inf, math.inf, 0
@@ -198,35 +206,57 @@ class WiseEditor:
             if done and not plain:
                 break
             loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([param], cfg.grad_clip)
             opt.step()
             with torch.no_grad():
                 param.clamp_(-cfg.max_update, cfg.max_update)
+        if cfg.keep_optimizer_state and shard is not None:
+            shard.opt_state = opt.state_dict()
         return EditStats(step, loss_v, edit_v, time.perf_counter() - start)
 
     def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
               plain: bool = False) -> list[EditStats]:
         """Apply edits sequentially: each goes into the open shard (a new one when full)."""
-        stats = []
-        base = self.site.module(self.model)
-        layer = WiseLayer(base, reduce=self.config.router_reduce, basis=self.basis)
-        with attached(self.model, self.site, layer):
-            mask, mask_seed = None, None
+        stats: list[EditStats] = []
+        with self._training_layer() as layer:
             for edit in edits:
-                if not self.shards or len(self.shards[-1].edits) >= self.config.edits_per_shard:
-                    seed = self.config.seed * 1_000_003 + len(self.shards)
-                    self.shards.append(Shard(seed, torch.zeros(self.shape, device=self.device)))
-                shard = self.shards[-1]
-                if mask_seed != shard.seed:  # the mask is a function of the seed: draw it once per shard
-                    mask, mask_seed = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device), shard.seed
-                shard.tau = shard.tau.to(self.device)
-                param = layer.start_training(shard.tau, mask)
-                replay = self._rng.sample(shard.edits, min(self.config.replay, len(shard.edits)))
-                s = self.train_edit(layer, param, edit, replay, plain=plain)
-                shard.tau = layer.stop_training()
-                shard.edits.append(edit)
-                stats.append(s)
+                stats.append(self._train_into(layer, self._open_shard(), edit, plain))
                 if progress:
-                    progress(len(stats), s)
+                    progress(len(stats), stats[-1])
+        return stats
+
+    def train_shard(self, shard: Shard, edits: Sequence[Edit]) -> list[EditStats]:
+        """Train `edits` into `shard` (whatever its fill): how a revert rebuilds a shard."""
+        with self._training_layer() as layer:
+            return [self._train_into(layer, shard, edit, False) for edit in edits]
+
+    @contextmanager
+    def _training_layer(self) -> Iterator[WiseLayer]:
+        layer = WiseLayer(self.site.module(self.model), reduce=self.config.router_reduce, basis=self.basis)
+        with attached(self.model, self.site, layer):
+            yield layer
+
+    def _open_shard(self) -> Shard:
+        last = self.shards[-1] if self.shards else None
+        if last is None or last.closed or len(last.edits) >= self.config.edits_per_shard:
+            # Seeds never repeat within a memory, even after a revert dropped a shard.
+            base = self.config.seed * 1_000_003
+            used = [s.seed - base for s in self.shards if not s.closed]
+            self.shards.append(Shard(base + (max(used) + 1 if used else 0), torch.zeros(self.shape, device=self.device)))
+        return self.shards[-1]
+
+    def _train_into(self, layer: WiseLayer, shard: Shard, edit: Edit, plain: bool) -> EditStats:
+        if self._mask_seed != shard.seed:  # the mask is a function of the seed: draw it once per shard
+            self._mask = shard_mask(self.shape, self.config.mask_ratio, shard.seed).to(self.device)
+            self._mask_seed = shard.seed
+        shard.tau = shard.tau.to(self.device)
+        param = layer.start_training(shard.tau, self._mask)
+        replay = self._rng.sample(shard.edits, min(self.config.replay, len(shard.edits)))
+        stats = self.train_edit(layer, param, edit, replay, plain=plain, shard=shard)
+        shard.tau = layer.stop_training()
+        shard.edits.append(edit)
+        shard.object_id = None
         return stats
 
     # ---- the side memory ------------------------------------------------------------------

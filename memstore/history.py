@@ -1,0 +1,415 @@
+"""History verbs: show, status, diff, merge, revert, checkout, reset, branch, tag.
+
+Porcelain over the store (DESIGN.md principles 2-3, git analogues): each verb takes a store path
+and returns a dataclass. `merge` and `revert` need the base model (they train or re-threshold);
+the others read and move refs only. Refs move by compare-and-swap under the writer lock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, NothingToCommit, UnknownEdit
+from .memory import (MemoryState, commit_state, load_tau, merge_taus, put_merged, rebuild_without, shard_meta,
+                     shard_rows, state_edit_keys, unpack, verify_state)
+from .merge import get_merge_method
+from .methods.wise import WiseEditor
+from .methods.wise.method import Shard
+from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, open_session, store_path,
+                        threshold_for)
+from .store import Store, edit_key
+
+BRANCH_PREFIX, TAG_PREFIX = "refs/heads/", "refs/tags/"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+# ---- show / status -----------------------------------------------------------------------------
+
+@dataclass
+class ShardInfo:
+    object_id: str
+    kind: str
+    seed: int | None
+    n_edits: int
+    bytes: int
+
+
+@dataclass
+class ShowResult:
+    commit: CommitInfo
+    added: list[dict[str, Any]]
+    removed: list[str]
+    shards: list[ShardInfo]
+    threshold: float | None
+    live_edits: int
+
+
+def _shard_infos(store: Store, state: MemoryState) -> list[ShardInfo]:
+    out = []
+    for oid in state.shards:
+        meta = shard_meta(store, oid)
+        size = store.objects.size(oid) if oid in store.objects else 0
+        out.append(ShardInfo(oid, meta["kind"], meta.get("seed"), len(meta["edits"]), size))
+    return out
+
+
+def show(path: str | os.PathLike | None = None, ref: str = "HEAD") -> ShowResult:
+    with Store.open(store_path(path)) as store:
+        c = store.get_commit(store.resolve(ref))
+        state = MemoryState.from_json(c["state_json"])
+        return ShowResult(commit_info(store, c), c["edits"], c["removed"], _shard_infos(store, state), state.threshold,
+                          len(state_edit_keys(store, state)))
+
+
+@dataclass
+class StatusResult:
+    branch: str | None  # None: detached HEAD
+    head: str | None
+    mounted: str
+    mounted_commit: str | None
+    live_edits: int
+    shards: int
+    staged: dict[str, Any] | None
+
+
+def status(path: str | os.PathLike | None = None) -> StatusResult:
+    import json
+
+    with Store.open(store_path(path)) as store:
+        head = store.head()
+        state = commit_state(store, head)
+        what, mcid = mounted_commit(store)
+        staged = store.get_staged()
+        staged_info = None
+        if staged is not None:
+            st = MemoryState.from_json(staged["state_json"])
+            staged_info = {"n_edits": len(json.loads(staged["edits_json"])), "parent_id": staged["parent_id"],
+                           "stale": staged["parent_id"] != head, "metrics": json.loads(staged["metrics_json"]),
+                           "live_edits": len(state_edit_keys(store, st)), "created_at": staged["created_at"]}
+        branch = store.head_branch()
+        return StatusResult(branch[len(BRANCH_PREFIX):] if branch else None, head, what, mcid,
+                            len(state_edit_keys(store, state)), len(state.shards), staged_info)
+
+
+# ---- diff ----------------------------------------------------------------------------------------
+
+@dataclass
+class ShardDiff:
+    status: str  # added | removed | modified
+    kind: str
+    seed: int | None
+    a: str | None
+    b: str | None
+    changed_entries: int
+    delta_norm: float  # ||tau_b - tau_a|| (a missing side counts as zero)
+    mask_overlap: float  # |M_a & M_b| / |M_a | M_b|; for an added/removed shard, against the other side's shards
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    added: list[dict[str, Any]]
+    removed: list[dict[str, Any]]
+    changed: list[dict[str, Any]]  # {"edit_id", "a": record, "b": record}
+    shards: list[ShardDiff]
+    threshold_a: float | None
+    threshold_b: float | None
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.added or self.removed or self.changed or self.shards or self.threshold_a != self.threshold_b)
+
+
+def _union_mask(store: Store, oids: Sequence[str], shape: Sequence[int]) -> torch.Tensor:
+    out = torch.zeros(tuple(shape), dtype=torch.bool)
+    for oid in oids:
+        out |= unpack(*store.objects.get_tensors(oid))[1]
+    return out
+
+
+def _overlap(m_a: torch.Tensor, m_b: torch.Tensor) -> float:
+    union = int((m_a | m_b).sum())
+    return int((m_a & m_b).sum()) / union if union else 1.0
+
+
+def diff(path: str | os.PathLike | None = None, a: str = "HEAD~1", b: str = "HEAD") -> DiffResult:
+    """What changed from A to B: edits added/removed/changed, per-shard parameter deltas and mask
+    overlap, and the router threshold."""
+    with Store.open(store_path(path)) as store:
+        ca, cb = store.resolve(a), store.resolve(b)
+        sa, sb = commit_state(store, ca), commit_state(store, cb)
+        ka, kb = state_edit_keys(store, sa), state_edit_keys(store, sb)
+        recs = store.edit_records(sorted(set(ka) | set(kb)))
+        by_id_a = {k.split(":", 1)[0]: k for k in ka}
+        by_id_b = {k.split(":", 1)[0]: k for k in kb}
+        added = [recs[by_id_b[i]] for i in by_id_b if i not in by_id_a]
+        removed = [recs[by_id_a[i]] for i in by_id_a if i not in by_id_b]
+        changed = [{"edit_id": i, "a": recs[by_id_a[i]], "b": recs[by_id_b[i]]}
+                   for i in by_id_b if i in by_id_a and by_id_a[i] != by_id_b[i]]
+        return DiffResult(ca, cb, added, removed, changed, _shard_diffs(store, sa, sb), sa.threshold, sb.threshold)
+
+
+def _shard_diffs(store: Store, sa: MemoryState, sb: MemoryState) -> list[ShardDiff]:
+    meta = {o: shard_meta(store, o) for o in sa.shards + sb.shards}
+    only_a = [o for o in sa.shards if o not in sb.shards]
+    only_b = [o for o in sb.shards if o not in sa.shards]
+    pairs: list[tuple[str | None, str | None]] = []
+    for o in only_b:  # a trained shard keeps its seed as it fills: pair the two versions
+        seed = meta[o].get("seed")
+        match = next((x for x in only_a if seed is not None and meta[x].get("seed") == seed), None)
+        pairs.append((match, o))
+    pairs += [(o, None) for o in only_a if all(o != p for p, _ in pairs)]
+    out = []
+    for oa, ob in pairs:
+        any_meta = meta[ob or oa]
+        shape = any_meta["shape"]
+        ta, ma = unpack(*store.objects.get_tensors(oa)) if oa else (torch.zeros(shape), None)
+        tb, mb = unpack(*store.objects.get_tensors(ob)) if ob else (torch.zeros(shape), None)
+        if ma is None:
+            ma = _union_mask(store, sa.shards, shape)
+        if mb is None:
+            mb = _union_mask(store, sb.shards, shape)
+        status_ = "modified" if oa and ob else ("added" if ob else "removed")
+        out.append(ShardDiff(status_, any_meta["kind"], any_meta.get("seed"), oa, ob, int((ta != tb).sum()),
+                             float((tb - ta).norm()), _overlap(ma, mb)))
+    return out
+
+
+# ---- merge / revert (need the base model) ------------------------------------------------------
+
+@dataclass
+class HistoryCommit:
+    commit_id: str
+    parent_id: str | None
+    merged_from: str | None
+    removed: list[str]
+    live_edits: int
+    shards: int
+    threshold: float | None
+    object_id: str | None = None  # the merged shard's object (merge)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def _with_session(path, session: Session | None, fn: Callable[[Session], Any]) -> Any:
+    own = session is None
+    session = session or open_session(path)
+    try:
+        return fn(session)
+    finally:
+        if own:
+            session.close()
+
+
+def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *, method: str = "ties",
+          density: float | None = None, weights: Sequence[float] = (), message: str | None = None,
+          lock_timeout: float = 30.0, session: Session | None = None) -> HistoryCommit:
+    """Merge B's memory into A (the current HEAD): the shards the two do not share are merged
+    into one shard with `method` (mergekit names: density, weight per side), deterministically;
+    the spec is saved in the merged shard's header. Records a commit with parents (A, B)."""
+    merger = get_merge_method(method)  # unknown method: a usage error before anything else
+
+    def run(session: Session) -> HistoryCommit:
+        store = session.store
+        with store.lock(lock_timeout):
+            head, ca, cb = store.head(), store.resolve(a), store.resolve(b)
+            if head != ca:
+                raise ConfigError(f"merge records onto the current branch, whose tip is not {a}; "
+                                  f"`wisemem checkout {a}` first")
+            sa, sb = commit_state(store, ca), commit_state(store, cb)
+            only_a = [o for o in sa.shards if o not in sb.shards]
+            only_b = [o for o in sb.shards if o not in sa.shards]
+            if not only_b:
+                raise NothingToCommit(f"{b} holds nothing {a} does not: already merged")
+            if len(weights) not in (0, 2):
+                raise ConfigError("--weight takes two values: the weight of A's shards, then of B's")
+            w_a, w_b = weights if weights else (1.0, 1.0)
+            shard_params = [_shard_params(merger, w_a, density) for _ in only_a]
+            shard_params += [_shard_params(merger, w_b, density) for _ in only_b]
+            spec = {"method": method, "params": {"seed": session.config.seed}, "shard_params": shard_params}
+            keys = _merged_keys(store, only_a + only_b)
+            sources = only_a + only_b
+            row = put_merged(store, merge_taus([load_tau(store, o) for o in sources], spec), sources, spec, keys,
+                             session.site.layer)
+            common = [o for o in sa.shards if o in sb.shards]
+            state = MemoryState(common + [row["object_id"]])
+            state.threshold = threshold_for(session, state)
+            rows = shard_rows(store, common) + [row]
+            cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", session.config.to_json(),
+                                      state.to_json(), [], [], merge_parent=cb, shards=rows)
+            return HistoryCommit(cid, ca, cb, [], len(state_edit_keys(store, state)), len(state.shards),
+                                 state.threshold, row["object_id"], spec)
+
+    return _with_session(path, session, run)
+
+
+def _shard_params(merger, weight: float, density: float | None) -> dict[str, Any]:
+    names = {p.name for p in merger.shard_parameters()}
+    out: dict[str, Any] = {"weight": weight}
+    if density is not None:
+        if "density" not in names:
+            raise ConfigError(f"merge method {merger.name()} takes no density")
+        out["density"] = density
+    return out
+
+
+def _merged_keys(store: Store, oids: Sequence[str]) -> list[str]:
+    keys: dict[str, None] = {}
+    for oid in oids:
+        for k in shard_meta(store, oid)["edits"]:
+            keys.setdefault(k, None)
+    by_id: dict[str, str] = {}
+    for k in keys:
+        eid = k.split(":", 1)[0]
+        if eid in by_id:
+            raise ConfigError(f"edit '{eid}' has different records on the two sides; revert it on one side first")
+        by_id[eid] = k
+    return list(keys)
+
+
+def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edit_id: str | None = None,
+           message: str | None = None, lock_timeout: float = 30.0, session: Session | None = None) -> HistoryCommit:
+    """A new commit whose memory no longer holds the edits of commit `ref` (or the one edit
+    `edit_id`): shards that held them are rebuilt without them (from their stored version just
+    before the first removed edit when there is one); other shards are untouched."""
+    if (ref is None) == (edit_id is None):
+        raise ConfigError("revert takes a commit (REF) or --edit EDIT_ID, not both")
+
+    def run(session: Session) -> HistoryCommit:
+        store = session.store
+        with store.lock(lock_timeout):
+            head = store.head()
+            state = commit_state(store, head)
+            live = state_edit_keys(store, state)
+            if edit_id is not None:
+                remove = [k for k in live if k.split(":", 1)[0] == edit_id]
+                if not remove:
+                    raise UnknownEdit(edit_id)
+                what = f"edit {edit_id}"
+            else:
+                c = store.get_commit(store.resolve(ref))
+                added = {edit_key(i, r) for i, r in zip(c["edit_ids"], c["edits"])}
+                remove = [k for k in live if k in added]
+                if not remove:
+                    raise NothingToCommit(f"commit {c['id'][:12]} has no edits live at HEAD to revert")
+                what = f'"{c["message"]}"'
+            train = _shard_trainer(session)
+            rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards) if r is not None]
+            new = MemoryState([r["object_id"] for r in rows])
+            new.threshold = threshold_for(session, new)
+            records = store.edit_records(remove)
+            cid = store.create_commit(head, message or f"Revert {what}", None, "wise", session.config.to_json(),
+                                      new.to_json(), [], [], removed=[(k.split(":", 1)[0], records[k]) for k in remove],
+                                      shards=rows)
+            return HistoryCommit(cid, head, None, [k.split(":", 1)[0] for k in remove],
+                                 len(state_edit_keys(store, new)), len(new.shards), new.threshold)
+
+    return _with_session(path, session, run)
+
+
+def _shard_trainer(session: Session):
+    def train(start: torch.Tensor, seed: int, earlier, new) -> torch.Tensor:
+        editor = WiseEditor(session.model, session.tokenizer, session.site, session.config, background_prompts(),
+                            session.prefixes, basis=session.basis)
+        shard = Shard(seed, start.clone(), list(earlier))
+        editor.train_shard(shard, new)
+        return shard.tau.cpu()
+
+    return train
+
+
+# ---- checkout / reset / branch / tag ---------------------------------------------------------------
+
+@dataclass
+class RefMove:
+    ref: str  # what moved: "HEAD" (detached) or a branch name
+    old: str | None
+    new: str | None
+    discarded: list[str] = field(default_factory=list)  # commits no longer on the branch (reset)
+
+
+def checkout(path: str | os.PathLike | None = None, ref: str = "main", *, lock_timeout: float = 30.0) -> RefMove:
+    """Point HEAD at a branch (attached) or any other revision (detached). The target memory's
+    objects are verified first: a corrupt store is refused (IntegrityError)."""
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        old = store.head()
+        branch = BRANCH_PREFIX + ref if store.list_refs(BRANCH_PREFIX + ref).get(BRANCH_PREFIX + ref) else None
+        cid = store.resolve(ref)
+        verify_state(store, commit_state(store, cid))
+        store.set_head(branch or cid)
+        return RefMove(ref if branch else "HEAD", old, cid)
+
+
+def reset(path: str | os.PathLike | None = None, ref: str = "HEAD", *, dry_run: bool = False,
+          lock_timeout: float = 30.0) -> RefMove:
+    """Move the current branch (or detached HEAD) to `ref`. `discarded` lists the commits that
+    leave the branch (they stay in the catalog, reachable by id). `dry_run` moves nothing."""
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        old, new = store.head(), store.resolve(ref)
+        verify_state(store, commit_state(store, new))
+        discarded = []
+        for c in store.log(old):
+            if store.is_ancestor(c["id"], new):
+                break
+            discarded.append(c["id"])
+        name = store.head_branch() or "HEAD"
+        if not dry_run:
+            store.set_ref(name, new, old)
+        return RefMove(name[len(BRANCH_PREFIX):] if name.startswith(BRANCH_PREFIX) else name, old, new, discarded)
+
+
+@dataclass
+class RefInfo:
+    name: str
+    commit_id: str | None
+    current: bool = False
+
+
+def _check_name(name: str, kind: str) -> None:
+    if not _NAME_RE.match(name) or name == "HEAD" or ".." in name or name.endswith("/"):
+        raise ConfigError(f"invalid {kind} name '{name}': use letters, digits, '.', '_', '-', '/'")
+
+
+def _refs(store: Store, prefix: str) -> list[RefInfo]:
+    current = store.head_branch()
+    return [RefInfo(n[len(prefix):], store.get_ref(n), n == current) for n in sorted(store.list_refs(prefix))]
+
+
+def branch(path: str | os.PathLike | None = None, name: str | None = None, start: str = "HEAD", *,
+           delete: bool = False, lock_timeout: float = 30.0) -> list[RefInfo]:
+    """List branches (no name), create `name` at `start`, or delete it."""
+    return _ref_verb(path, BRANCH_PREFIX, "branch", name, start, delete, lock_timeout)
+
+
+def tag(path: str | os.PathLike | None = None, name: str | None = None, start: str = "HEAD", *,
+        delete: bool = False, lock_timeout: float = 30.0) -> list[RefInfo]:
+    """List tags (no name), create `name` at `start`, or delete it."""
+    return _ref_verb(path, TAG_PREFIX, "tag", name, start, delete, lock_timeout)
+
+
+def _ref_verb(path, prefix: str, kind: str, name: str | None, start: str, delete: bool, lock_timeout: float):
+    with Store.open(store_path(path)) as store:
+        if name is None:
+            return _refs(store, prefix)
+        _check_name(name, kind)
+        full = prefix + name
+        with store.lock(lock_timeout):
+            current = store.list_refs(full).get(full)
+            if delete:
+                if current is None:
+                    raise ConfigError(f"no {kind} named '{name}'")
+                if store.head_branch() == full:
+                    raise ConfigError(f"cannot delete the current branch '{name}'; check out another first")
+                store.set_ref(full, None, current)
+                return [RefInfo(name, None)]
+            if current is not None:
+                raise ConfigError(f"a {kind} named '{name}' already exists")
+            cid = store.resolve(start)
+            store.set_ref(full, cid, None)
+            return [RefInfo(name, cid, store.head_branch() == full)]

@@ -1,0 +1,131 @@
+"""fsck and gc: prove the store is whole, and drop what nothing refers to.
+
+fsck re-derives everything that can be re-derived (DESIGN.md principles 1 and 8): every object
+re-hashes to its name, every commit id to its content, every ref names a commit, every shard a
+state needs (merge sources included) is present with its catalog row and its edit records.
+Objects no commit, staged state or binding refers to are *dangling* (left by an interrupted
+commit or `unstage`): reported, not errors; `gc` deletes them and temp files of interrupted writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import IntegrityError
+from .memory import MemoryState, shard_meta
+from .porcelain import binding_config, store_path
+from .store import SYMREF_PREFIX, Store, commit_hash
+
+
+@dataclass
+class FsckReport:
+    objects: int
+    commits: int
+    problems: list[str] = field(default_factory=list)
+    dangling: list[str] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _walk_state(store: Store, state: MemoryState, where: str, reachable: set[str], problems: list[str],
+                on_disk: set[str]) -> None:
+    todo = list(state.shards)
+    while todo:
+        oid = todo.pop()
+        if oid in reachable:
+            continue
+        reachable.add(oid)
+        if oid not in on_disk:
+            problems.append(f"{where}: shard object {oid} is missing")
+            continue
+        try:
+            meta = shard_meta(store, oid)
+        except IntegrityError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        missing = set(meta["edits"]) - set(store.edit_records(meta["edits"]))
+        if missing:
+            problems.append(f"{where}: shard {oid[:12]} names {len(missing)} edit record(s) absent from the catalog")
+        todo.extend(meta.get("sources", []))
+
+
+def reachable_objects(store: Store, on_disk: set[str], problems: list[str]) -> set[str]:
+    """Every object the catalog refers to; problems found on the way are appended."""
+    reachable: set[str] = set()
+    basis = binding_config(store).get("basis")
+    if basis:
+        reachable.add(basis)
+        if basis not in on_disk:
+            problems.append(f"binding: background basis object {basis} is missing")
+    for row in store.all_commits():
+        cid = row["id"]
+        c = store.get_commit(cid)
+        if commit_hash(c) != cid:
+            problems.append(f"commit {cid}: content does not hash to its id")
+        state = MemoryState.from_json(c["state_json"])
+        if store.commit_shard_ids(cid) != state.shards:
+            problems.append(f"commit {cid[:12]}: shard table disagrees with its state")
+        _walk_state(store, state, f"commit {cid[:12]}", reachable, problems, on_disk)
+    staged = store.get_staged()
+    if staged is not None:
+        _walk_state(store, MemoryState.from_json(staged["state_json"]), "staged", reachable, problems, on_disk)
+    return reachable
+
+
+def fsck(path: str | os.PathLike | None = None) -> FsckReport:
+    with Store.open(store_path(path)) as store:
+        on_disk = set(store.objects.iter_ids())
+        problems: list[str] = []
+        for oid in sorted(on_disk):
+            try:
+                store.objects.verify(oid)
+            except IntegrityError:
+                problems.append(f"object {oid} is corrupt: its bytes do not hash to its name")
+        reachable = reachable_objects(store, on_disk, problems)
+        commits = {r["id"] for r in store.all_commits()}
+        refs = store.list_refs("")
+        for name, target in sorted(refs.items()):
+            if target.startswith(SYMREF_PREFIX):
+                if name != "HEAD" or not target[len(SYMREF_PREFIX):].startswith("refs/heads/"):
+                    problems.append(f"ref {name}: unexpected symbolic target {target}")
+            elif target not in commits:
+                problems.append(f"ref {name} points at {target}, which is not a commit")
+        if "HEAD" not in refs:
+            problems.append("HEAD is missing")
+        temp = [str(p) for p in store.objects.iter_temp()]
+        return FsckReport(len(on_disk), len(commits), problems, sorted(on_disk - reachable), temp)
+
+
+@dataclass
+class GcResult:
+    removed: list[str]
+    temp_files: list[str]
+    bytes_freed: int
+    dry_run: bool
+
+
+def gc(path: str | os.PathLike | None = None, *, dry_run: bool = False, lock_timeout: float = 30.0) -> GcResult:
+    """Delete dangling objects and temp files (commits are never deleted: history is kept).
+    Refuses to run on a store with integrity problems, so nothing is lost to a bad read."""
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        on_disk = set(store.objects.iter_ids())
+        problems: list[str] = []
+        reachable = reachable_objects(store, on_disk, problems)
+        if problems:
+            raise IntegrityError(f"gc refused: {problems[0]}; run `wisemem fsck`")
+        dangling = sorted(on_disk - reachable)
+        temp = list(store.objects.iter_temp())
+        freed = sum(store.objects.size(o) for o in dangling) + sum(p.stat().st_size for p in temp)
+        if not dry_run:
+            for oid in dangling:
+                store.objects.delete(oid)
+            for p in temp:
+                p.unlink(missing_ok=True)
+        return GcResult(dangling, [str(p) for p in temp], freed, dry_run)
+
+
+__all__ = ["FsckReport", "GcResult", "fsck", "gc"]
