@@ -21,7 +21,7 @@ from .memory import (MemoryState, commit_state, load_tau, merge_taus, put_merged
 from .merge import get_merge_method
 from .methods.wise import WiseEditor
 from .methods.wise.method import Shard
-from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, open_session, store_path,
+from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, session_scope, store_path,
                         threshold_for)
 from .store import Store, edit_key
 
@@ -198,13 +198,8 @@ class HistoryCommit:
 
 
 def _with_session(path, session: Session | None, fn: Callable[[Session], Any]) -> Any:
-    own = session is None
-    session = session or open_session(path)
-    try:
-        return fn(session)
-    finally:
-        if own:
-            session.close()
+    with session_scope(path, session) as s:
+        return fn(s)
 
 
 def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *, method: str = "ties",
@@ -225,8 +220,8 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             sa, sb = commit_state(store, ca), commit_state(store, cb)
             only_a = [o for o in sa.shards if o not in sb.shards]
             only_b = [o for o in sb.shards if o not in sa.shards]
-            if not only_b:
-                raise NothingToCommit(f"{b} holds nothing {a} does not: already merged")
+            if not only_b or store.is_ancestor(cb, ca):
+                raise NothingToCommit(f"{b} is already merged into {a}")
             if len(weights) not in (0, 2):
                 raise ConfigError("--weight takes two values: the weight of A's shards, then of B's")
             w_a, w_b = weights if weights else (1.0, 1.0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,22 @@ def open_session(path: str | os.PathLike | None = None, *, device: str = "cpu", 
     except BaseException:
         store.close()
         raise
+
+
+@contextmanager
+def session_scope(path: str | os.PathLike | None, session: Session | None = None,
+                  overrides: dict[str, Any] | None = None) -> Iterator[Session]:
+    """`session` when it is open on the store at `path` (or `path` is None); else a session on
+    that store, reusing the given session's model so it is not loaded twice."""
+    if session is not None and (path is None or store_path(path).resolve() == session.store.path.resolve()):
+        yield session
+        return
+    own = open_session(path, overrides=overrides, model=session.model if session else None,
+                       tokenizer=session.tokenizer if session else None)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def binding_config(store: Store) -> dict[str, Any]:
@@ -317,9 +334,7 @@ def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike =
     edits = load_edits(edits_file)
     if not edits:
         raise NothingToCommit("no edits to train")
-    own = session is None
-    session = session or open_session(path, overrides=overrides)
-    try:
+    with session_scope(path, session, overrides=overrides) as session:
         store = session.store
         with store.lock(lock_timeout):
             if store.get_staged() is not None:
@@ -332,9 +347,6 @@ def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike =
             total = len(state_edit_keys(store, state))
             return TrainResult(parent, len(edits), total, state.threshold, len(state.shards), metrics,
                                [s.seconds for s in stats], [s.steps for s in stats])
-    finally:
-        if own:
-            session.close()
 
 
 def unstage(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0) -> int:
@@ -358,9 +370,7 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
     edits = load_edits(edits_file)  # all-or-nothing: a bad line stops us before anything is written
     if not edits:
         raise NothingToCommit("no edits to commit")
-    own = session is None
-    session = session or open_session(path, overrides=overrides)
-    try:
+    with session_scope(path, session, overrides=overrides) as session:
         store = session.store
         with store.lock(lock_timeout):
             if store.get_staged() is not None:
@@ -374,9 +384,6 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
             total = len(state_edit_keys(store, state))
             return CommitResult(cid, parent, len(edits), total, state.threshold, len(state.shards), {},
                                 [s.seconds for s in stats], [s.steps for s in stats])
-    finally:
-        if own:
-            session.close()
 
 
 def _commit_staged(path, message: str | None, author: str | None, lock_timeout: float) -> CommitResult:
@@ -480,9 +487,7 @@ def generate(path: str | os.PathLike | None = None, prompts: Sequence[str] = (),
     """Greedy answers with the mounted memory (or the bare model with `memory=False`)."""
     from .evaluate.metrics import generate_answers
 
-    own = session is None
-    session = session or open_session(path)
-    try:
+    with session_scope(path, session) as session:
         what, cid = mounted_commit(session.store)
         use_memory = memory and what != "none"
         layer = memory_layer(session, cid if use_memory else None)
@@ -494,6 +499,3 @@ def generate(path: str | os.PathLike | None = None, prompts: Sequence[str] = (),
                 held = handle.layer.routing.held
                 routed.append(bool(held[0]) if held is not None else False)
         return [Generation(p, t, use_memory, r) for p, t, r in zip(prompts, texts, routed)]
-    finally:
-        if own:
-            session.close()

@@ -176,10 +176,12 @@ class Store:
             return self._follow(conn, name)[1]
 
     def list_refs(self, prefix: str = "refs/") -> dict[str, str]:
+        """Refs whose name starts with `prefix` literally: LIKE wildcards in it are escaped, and the
+        exact-case check in Python keeps SQLite (case-insensitive LIKE) in line with PostgreSQL."""
         t = self.catalog.refs
         with self.catalog.engine.connect() as conn:
-            rows = conn.execute(sa.select(t.c.name, t.c.target).where(t.c.name.startswith(prefix)))
-            return {name: target for name, target in rows}
+            rows = conn.execute(sa.select(t.c.name, t.c.target).where(t.c.name.startswith(prefix, autoescape=True)))
+            return {name: target for name, target in rows if name.startswith(prefix)}
 
     def head(self) -> str | None:
         return self.get_ref("HEAD")
@@ -228,6 +230,8 @@ class Store:
         transaction: either everything lands or nothing does (ConcurrentUpdate if HEAD moved)."""
         if len(edit_records) != len(edit_ids):
             raise ConfigError(f"{len(edit_records)} edit records but {len(edit_ids)} edit ids")
+        if "\x00" in message or "\x00" in (author or ""):  # as git; PostgreSQL text cannot hold NUL
+            raise ConfigError("a commit message or author cannot contain NUL characters")
         row = dict(parent_id=parent_id, message=message, author=author or default_author(), created_at=utc_now(),
                    method=method, config_json=config_json, state_json=state_json)  # fmt: skip
         parents = [p for p in (parent_id, merge_parent) if p is not None]

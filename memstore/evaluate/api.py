@@ -40,6 +40,7 @@ def evaluate(data: str | os.PathLike, *, n_edits: int, chunks: int = 1, method: 
              device: str = "cpu", dtype: str = "fp32", store: str | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     from ..porcelain import background_prompts, make_config, store_path
+    from ..store import Store
 
     if method not in METHODS:
         raise ConfigError(f"unknown --method '{method}'; available: {', '.join(METHODS)}")
@@ -50,9 +51,7 @@ def evaluate(data: str | os.PathLike, *, n_edits: int, chunks: int = 1, method: 
     if needed > len(edits):
         raise ConfigError(f"-T {n_edits} x {chunks} chunk(s) needs {needed} edits; {data} has {len(edits)} usable")
     hyper = dict(overrides or {})
-    if model_id is None and (store_path(store) / "catalog.sqlite").exists():
-        from ..store import Store
-
+    if model_id is None and Store.exists_at(store_path(store)):  # catalog.sqlite or catalog.url
         with Store.open(store_path(store)) as s:  # evaluate on the store's own model and layer
             model_id, layer = s.binding["model_id"], layer if layer is not None else s.binding["layer"]
     model, tokenizer = load_model(model_id, device=device, dtype=dtype)
