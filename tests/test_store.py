@@ -1,13 +1,23 @@
-"""memstore.store: objects, catalog, commits, refs, revparse, lock. Run: pytest tests/test_store.py -q"""
+"""memstore.store: objects, catalog, commits, refs, revparse, lock. Run: pytest tests/test_store.py -q
+
+Tests taking the `store` or `catalog_url` fixture run once per catalog backend: SQLite always,
+PostgreSQL when WISEMEM_TEST_PG_URL names a database (e.g.
+postgresql+psycopg://wisemem:wisemem@localhost:54329/wisemem; see benchmarks/pg_check.sh). Each
+PostgreSQL test gets a fresh schema (via the libpq `options=-csearch_path=...` URL parameter),
+dropped afterwards.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,14 +37,40 @@ from memstore.errors import (
     UnknownRef,
     WisememError,
 )
-from memstore.store import ObjectStore, Store, canonical_json, commit_hash
+from memstore.store import ObjectStore, Store, canonical_json, commit_hash, edit_key
 
 BINDING = {"model_id": "tiny", "revision": "abc", "module_path": "h.1.mlp.c_proj", "layer": 1, "weight_hash": "00"}
 
 
+PG_ENV = "WISEMEM_TEST_PG_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """None (the store's own catalog.sqlite) or the URL of an empty PostgreSQL schema."""
+    monkeypatch.delenv("WISEMEM_CATALOG", raising=False)
+    if request.param == "sqlite":
+        yield None
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL catalog tests need {PG_ENV} (e.g. postgresql+psycopg://user:pw@localhost/db)")
+    schema = f"wisemem_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture
-def store(tmp_path: Path):
-    with Store.init(tmp_path / ".wisemem", BINDING) as s:
+def store(tmp_path: Path, catalog_url: str | None):
+    with Store.init(tmp_path / ".wisemem", BINDING, catalog_url=catalog_url) as s:
         yield s
 
 
@@ -92,14 +128,21 @@ def test_object_missing(tmp_path: Path) -> None:
 # -- lifecycle -----------------------------------------------------------------------------------
 
 
-def test_init_open(tmp_path: Path) -> None:
+def test_init_open(tmp_path: Path, catalog_url: str | None) -> None:
     path = tmp_path / ".wisemem"
-    with Store.init(path, BINDING) as s:
+    with Store.init(path, BINDING, catalog_url=catalog_url) as s:
         assert s.head() is None and s.head_branch() == "refs/heads/main"
         assert (path / "objects").is_dir()
+    if catalog_url is None:
+        assert (path / "catalog.sqlite").is_file() and not (path / "catalog.url").exists()
+    else:
+        assert (path / "catalog.url").read_text() == catalog_url + "\n" and not (path / "catalog.sqlite").exists()
+        with pytest.raises(StoreExists, match="catalog already exists"):  # another directory, same database
+            Store.init(tmp_path / "other", BINDING, catalog_url=catalog_url)
     with pytest.raises(StoreExists):
         Store.init(path, BINDING)
     with Store.open(path) as s:
+        assert s.catalog.url == (catalog_url or f"sqlite:///{path / 'catalog.sqlite'}")
         b = s.binding
         assert {k: b[k] for k in BINDING} == BINDING and b["created_at"].endswith("+00:00")
 
@@ -109,9 +152,9 @@ def test_open_missing(tmp_path: Path) -> None:
         Store.open(tmp_path / "nope")
 
 
-def test_schema_version_mismatch(tmp_path: Path) -> None:
+def test_schema_version_mismatch(tmp_path: Path, catalog_url: str | None) -> None:
     path = tmp_path / ".wisemem"
-    with Store.init(path, BINDING) as s:
+    with Store.init(path, BINDING, catalog_url=catalog_url) as s:
         with s.catalog.engine.begin() as conn:
             conn.execute(sa.update(s.catalog.meta).where(s.catalog.meta.c.key == "schema_version").values(value="99"))
     with pytest.raises(SchemaVersionMismatch, match="schema version 99") as ei:
@@ -157,6 +200,9 @@ def test_cas_failure_writes_nothing(store: Store) -> None:
         store.create_commit(None, "stale", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
     with pytest.raises(ConcurrentUpdate):
         store.create_commit("0" * 64, "stale", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
+    assert counts(store) == before and store.head() == c1
+    with pytest.raises(ConfigError, match="NUL"):  # refused alike on every backend
+        store.create_commit(c1, "nul\x00", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
     assert counts(store) == before and store.head() == c1
 
 
@@ -257,3 +303,143 @@ def test_catalog_url_and_bad_binding(tmp_path: Path) -> None:
         assert s.catalog.url == url and s.head() == cid
     with pytest.raises(ConfigError, match="missing"):
         Store.init(tmp_path / "t", {"model_id": "m"})
+
+
+# -- catalog contract beyond the basics (both backends) ------------------------------------------
+
+
+def test_set_ref_cas(store: Store) -> None:
+    c1, c2 = commit(store, "one"), commit(store, "two")
+    store.set_ref("refs/tags/t", c1, None)
+    with pytest.raises(ConcurrentUpdate, match="already exists"):
+        store.set_ref("refs/tags/t", c2, None)
+    with pytest.raises(ConcurrentUpdate, match="moved"):
+        store.set_ref("refs/tags/t", c2, c2)
+    store.set_ref("refs/tags/t", c2, c1)
+    assert store.get_ref("refs/tags/t") == c2
+    with pytest.raises(ConcurrentUpdate):
+        store.set_ref("refs/tags/t", None, c1)  # delete with a stale expectation
+    store.set_ref("refs/tags/t", None, c2)
+    assert store.get_ref("refs/tags/t") is None
+    with pytest.raises(ConcurrentUpdate):
+        store.set_ref("refs/tags/gone", None, c2)
+
+
+def test_list_refs_prefix_is_literal(store: Store) -> None:
+    """LIKE wildcards in a prefix match only themselves, and case counts, on every backend."""
+    c1 = commit(store, "one")
+    for name in ("refs/heads/a_b", "refs/heads/axb", "refs/heads/a%c", "refs/heads/aXc", "refs/heads/A_b",
+                 "refs/tags/v\\1", "refs/tags/vx1"):
+        store.set_ref(name, c1, None)
+    assert set(store.list_refs("refs/heads/a_")) == {"refs/heads/a_b"}
+    assert set(store.list_refs("refs/heads/a%")) == {"refs/heads/a%c"}
+    assert set(store.list_refs("refs/heads/A")) == {"refs/heads/A_b"}
+    assert set(store.list_refs("refs/tags/v\\")) == {"refs/tags/v\\1"}
+    assert len(store.list_refs("refs/heads/")) == 6 and "HEAD" in store.list_refs("")
+
+
+def test_commit_with_everything(store: Store) -> None:
+    """Merge parent, removed edits, shards (seeds beyond 32 bits), staging cleared, evaluation: one row set."""
+    big_seeds = [2**31 + 7, 2**62 + 3, -(2**40), None]
+    c1 = commit(store, "one", 2)
+    store.set_ref("refs/heads/side", c1, None)
+    c2 = commit(store, "two")
+    store.set_staged(dict(parent_id=c2, state_json="{}", config_json="{}", edits_json="[]", metrics_json="{}"))
+    assert store.get_staged()["parent_id"] == c2
+    shards = [dict(object_id=f"{i:064x}", kind="trained", seed=seed, layer=1, n_edits=i,
+                   meta_json=canonical_json({"seed": seed})) for i, seed in enumerate(big_seeds)]
+    c3 = store.create_commit(c2, "merge", "t", "wise", "{}", "{}", [{"p": "new"}], ["e9"], merge_parent=c1,
+                             removed=[("e0", {"prompt": "one-0", "target_new": "x"})], shards=shards,
+                             clear_staging=True, evaluation={"source": "train", "metrics": {"es": 1.0}})
+    got = store.get_commit(c3)
+    assert got["parents"] == [c2, c1] and got["edit_ids"] == ["e9"] and got["removed"] == ["e0"]
+    assert commit_hash(got) == c3
+    assert store.is_ancestor(c1, c3) and not store.is_ancestor(c3, c1)
+    assert store.commit_shard_ids(c3) == [s["object_id"] for s in shards]
+    assert store.get_staged() is None
+    assert [(e["source"], e["metrics"]) for e in store.evaluations(c3)] == [("train", {"es": 1.0})]
+    t = store.catalog.shards
+    with store.catalog.engine.connect() as conn:
+        assert [r.seed for r in conn.execute(sa.select(t.c.seed).order_by(t.c.n_edits))] == big_seeds
+        assert conn.execute(sa.select(t.c.object_id).where(t.c.seed == 2**62 + 3)).scalar_one() == f"{1:064x}"
+    # a second commit sharing a shard object reuses its row
+    c4 = store.create_commit(c3, "again", "t", "wise", "{}", "{}", [], [], shards=shards[:1])
+    assert store.commit_shard_ids(c4) == [shards[0]["object_id"]]
+    k9 = edit_key("e9", {"p": "new"})
+    assert store.edit_records([k9, f"e9:{'0' * 16}"]) == {k9: {"p": "new"}}  # the digest must match too
+
+
+def test_staging_and_evaluations(store: Store) -> None:
+    c1 = commit(store, "one")
+    assert store.get_staged() is None
+    row = dict(parent_id=c1, state_json='{"s":1}', config_json="{}", edits_json="[]", metrics_json='{"m":2}')
+    store.set_staged(row)
+    store.set_staged(dict(row, state_json='{"s":2}'))  # replaces, never two rows
+    got = store.get_staged()
+    assert got["state_json"] == '{"s":2}' and got["id"] == 1 and got["created_at"].endswith("+00:00")
+    store.set_staged(None)
+    assert store.get_staged() is None
+    for i in range(3):
+        store.add_evaluation(c1, f"eval{i}", {"i": i, "big": 2**40})
+    assert [(e["source"], e["metrics"]) for e in store.evaluations(c1)] == [
+        (f"eval{i}", {"big": 2**40, "i": i}) for i in range(3)]
+    assert store.evaluations("0" * 64) == []
+
+
+def test_failed_commit_writes_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the ref moved inside the transaction rolls the ref back too."""
+    c1 = commit(store, "one")
+    before = counts(store)
+
+    def boom(name: str) -> None:
+        raise RuntimeError(name)
+
+    monkeypatch.setattr("memstore.store.fault_point", boom)
+    with pytest.raises(RuntimeError, match="during-catalog-write"):
+        store.create_commit(c1, "two", "t", "wise", "{}", "{}", [{"p": 1}], ["e"])
+    assert counts(store) == before and store.head() == c1
+    # a parent that does not exist violates a foreign key: the same full rollback
+    monkeypatch.undo()
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_commit(c1, "two", "t", "wise", "{}", "{}", [{"p": 1}], ["e"], merge_parent="0" * 64)
+    assert counts(store) == before and store.head() == c1
+
+
+@pytest.mark.parametrize("born", [True, False], ids=["branch", "unborn"])
+def test_concurrent_commits_one_wins(store: Store, monkeypatch: pytest.MonkeyPatch, born: bool) -> None:
+    """Two writers commit on the same parent at once (no file lock): exactly one lands, the
+    other waits for it, then gets ConcurrentUpdate and writes nothing (UPDATE ... WHERE target =
+    old re-checked after the row lock; INSERT of an unborn branch hits the primary key)."""
+    c1 = commit(store, "one") if born else None
+    before = counts(store)
+    paused, release = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:  # only writer A pauses inside its transaction (branch already moved)
+        if threading.current_thread().name == "A":
+            paused.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr("memstore.store.fault_point", hold)
+    results: dict[str, object] = {}
+
+    def write(who: str) -> None:
+        try:
+            results[who] = store.create_commit(c1, who, "t", "wise", "{}", "{}", [{"p": who}], [who])
+        except Exception as err:  # noqa: BLE001 - recorded for the asserts
+            results[who] = err
+
+    a = threading.Thread(target=write, args=("A",), name="A")
+    a.start()
+    assert paused.wait(30)
+    b = threading.Thread(target=write, args=("B",), name="B")
+    b.start()
+    try:
+        b.join(0.5)
+        assert b.is_alive()  # B cannot finish while A's transaction holds the branch
+    finally:
+        release.set()
+        a.join(30)
+        b.join(30)
+    assert isinstance(results["A"], str) and isinstance(results["B"], ConcurrentUpdate), results
+    assert store.head() == results["A"]
+    assert counts(store) == (before[0] + 1, before[1] + 1)

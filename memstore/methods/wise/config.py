@@ -20,8 +20,6 @@ class WiseConfig(MethodConfig):
     merge_density: float = _f(0.53, "TIES trim: fraction of each shard's entries kept by magnitude")
     optimizer: str = _f("adam", "optimiser of the side memory: sgd (as the reference) or adam")
     lr: float = _f(0.03, "learning rate on the side memory")
-    keep_optimizer_state: bool = _f(False, "carry the optimiser's moments from edit to edit within a shard")
-    grad_clip: float = _f(0.0, "clip the side memory's gradient norm to this (0: off)")
     weight_decay: float = _f(0.0, "weight decay of the optimiser")
     max_steps: int = _f(30, "optimisation steps per edit at most")
     replay: int = _f(4, "earlier edits of the open shard replayed in each step, against forgetting")

@@ -83,7 +83,6 @@ class Shard:
     seed: int | None  # mask seed; None for a merged shard
     tau: torch.Tensor  # (d_out, d_in), zero outside its mask
     edits: list[Edit] = field(default_factory=list)
-    opt_state: dict | None = None  # optimiser moments carried across the shard's edits (in-process only)
     closed: bool = False  # a merged shard takes no further edits
     object_id: str | None = None  # the stored object it was loaded from, until trained further
 
@@ -177,7 +176,7 @@ class WiseEditor:
         return self._objective(tb, torch.stack(ces), torch.stack(scores))
 
     def train_edit(self, layer: WiseLayer, param: nn.Parameter, edit: Edit, replay: Sequence[Edit] = (),
-                   plain: bool = False, shard: Shard | None = None) -> EditStats:
+                   plain: bool = False) -> EditStats:
         """Optimise the shard parameter on one edit. `plain` runs the whole model, one row at a
         time, every step, without early stop: the baseline the speed benchmark compares with."""
         cfg = self.config
@@ -189,8 +188,6 @@ class WiseEditor:
             opt: torch.optim.Optimizer = torch.optim.Adam([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.keep_optimizer_state and shard is not None and shard.opt_state is not None:
-            opt.load_state_dict(shard.opt_state)
         layer.routing.positions = tb.batch.attention_mask.bool()  # also the token grid for OPT's flat MLP input
         captured = None if plain else self.upper.capture(tb.batch.input_ids, tb.batch.attention_mask)
         loss_v, edit_v, step = math.inf, math.inf, 0
@@ -206,13 +203,9 @@ class WiseEditor:
             if done and not plain:
                 break
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([param], cfg.grad_clip)
             opt.step()
             with torch.no_grad():
                 param.clamp_(-cfg.max_update, cfg.max_update)
-        if cfg.keep_optimizer_state and shard is not None:
-            shard.opt_state = opt.state_dict()
         return EditStats(step, loss_v, edit_v, time.perf_counter() - start)
 
     def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
@@ -253,7 +246,7 @@ class WiseEditor:
         shard.tau = shard.tau.to(self.device)
         param = layer.start_training(shard.tau, self._mask)
         replay = self._rng.sample(shard.edits, min(self.config.replay, len(shard.edits)))
-        stats = self.train_edit(layer, param, edit, replay, plain=plain, shard=shard)
+        stats = self.train_edit(layer, param, edit, replay, plain=plain)
         shard.tau = layer.stop_training()
         shard.edits.append(edit)
         shard.object_id = None
