@@ -9,7 +9,6 @@ dropped afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
