@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from memstore import porcelain
-from memstore.errors import WisememError
+from memstore.errors import ConfigError, WisememError
 
 from . import render
 from .errors import exit_code
@@ -237,8 +237,21 @@ def eval_(
 from . import history_cli  # noqa: E402,F401  (registers the history verbs on `app`)
 
 
+def _check_utf8(args: list[str]) -> None:
+    """Undecodable argv bytes arrive as lone surrogates (PEP 383) and would fail deep inside
+    SQLite or the tokenizer with a traceback, after any training: refuse them up front."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:80]
+            msg = f"argument '{shown}' is not valid UTF-8; pass messages, refs and prompts as UTF-8 text"
+            raise ConfigError(msg) from None
+
+
 def main() -> None:
     try:
+        _check_utf8(sys.argv[1:])
         app(standalone_mode=False)
     except WisememError as exc:
         render.err.print(f"wisemem: error: {exc}", markup=False, soft_wrap=True)

@@ -84,10 +84,14 @@ class Catalog:
     def exists(self) -> bool:
         return sa.inspect(self.engine).has_table("meta")
 
-    def create(self) -> None:
-        self.metadata.create_all(self.engine)
+    def create(self, rows: dict[sa.Table, list[dict[str, Any]]]) -> None:
+        """Create every table and insert the first `rows` in one transaction: an interrupted
+        init leaves no tables, never a half-made catalog."""
         with self.engine.begin() as conn:
+            self.metadata.create_all(conn)
             conn.execute(sa.insert(self.meta).values(key="schema_version", value=SCHEMA_VERSION))
+            for table, values in rows.items():
+                conn.execute(sa.insert(table), values)
 
     def check_schema(self) -> None:
         """Refuse a catalog written with another schema version."""

@@ -84,10 +84,20 @@ class Store:
             return url_file.read_text().strip()
         return os.environ.get("WISEMEM_CATALOG") or f"sqlite:///{path / 'catalog.sqlite'}"
 
-    @staticmethod
-    def exists_at(path: str | os.PathLike[str]) -> bool:
+    @classmethod
+    def exists_at(cls, path: str | os.PathLike[str]) -> bool:
+        """True if `path` holds an initialised store (a catalog with its tables: an init that
+        was interrupted before its one transaction committed does not count)."""
         p = Path(path)
-        return (p / "catalog.sqlite").is_file() or (p / "catalog.url").is_file()
+        if not ((p / "catalog.sqlite").is_file() or (p / "catalog.url").is_file()):
+            return False
+        catalog = Catalog(cls._catalog_url(p))
+        try:
+            return catalog.exists()
+        except sa.exc.DatabaseError:
+            return True  # something is there but unreadable: `open` reports it
+        finally:
+            catalog.dispose()
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], binding: dict[str, Any], *, catalog_url: str | None = None) -> Store:
@@ -104,21 +114,28 @@ class Store:
             raise StoreExists(f"a wisemem catalog already exists at {catalog.url}")
         if catalog_url is not None:
             (p / "catalog.url").write_text(catalog_url + "\n")
-        catalog.create()
-        with catalog.engine.begin() as conn:
-            conn.execute(sa.insert(catalog.binding).values(id=1, created_at=utc_now(), **row))
-            conn.execute(sa.insert(catalog.refs).values(name="HEAD", target=SYMREF_PREFIX + DEFAULT_BRANCH))
+        catalog.create({catalog.binding: [dict(id=1, created_at=utc_now(), **row)],
+                        catalog.refs: [dict(name="HEAD", target=SYMREF_PREFIX + DEFAULT_BRANCH)]})
         return cls(p, catalog)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open an existing store; StoreNotFound if absent, SchemaVersionMismatch if incompatible."""
+        """Open an existing store; StoreNotFound if absent, SchemaVersionMismatch if incompatible,
+        IntegrityError if its SQLite catalog is not a readable database."""
         p = Path(path)
         if not cls.exists_at(p):
             raise StoreNotFound(f"no wisemem store at {p}; run `wisemem init` first")
         catalog = Catalog(cls._catalog_url(p))
         try:
             catalog.check_schema()
+        except sa.exc.DatabaseError as exc:
+            catalog.dispose()
+            # A damaged or foreign catalog.sqlite ("file is not a database", "malformed") is damage
+            # to the store; a locked or unreachable database (OperationalError) is not.
+            if isinstance(exc, sa.exc.OperationalError) or catalog.engine.dialect.name != "sqlite":
+                raise
+            msg = f"catalog {catalog.url} cannot be read ({exc.orig}); restore it from a backup"
+            raise IntegrityError(msg) from None
         except BaseException:
             catalog.dispose()
             raise

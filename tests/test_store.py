@@ -10,6 +10,7 @@ dropped afterwards.
 from __future__ import annotations
 
 import json
+import sqlite3
 import os
 import subprocess
 import sys
@@ -149,6 +150,20 @@ def test_init_open(tmp_path: Path, catalog_url: str | None) -> None:
 def test_open_missing(tmp_path: Path) -> None:
     with pytest.raises(StoreNotFound, match="wisemem init"):
         Store.open(tmp_path / "nope")
+
+
+def test_interrupted_init_leaves_no_store(tmp_path: Path) -> None:
+    """An init killed before its one catalog transaction commits leaves an empty catalog file:
+    that is not a store (open says to init), and init may run again."""
+    path = tmp_path / ".wisemem"
+    (path / "objects").mkdir(parents=True)
+    sqlite3.connect(path / "catalog.sqlite").close()  # the file an interrupted init leaves
+    assert not Store.exists_at(path)
+    with pytest.raises(StoreNotFound):
+        Store.open(path)
+    with Store.init(path, BINDING) as s:
+        assert s.binding["model_id"] == BINDING["model_id"] and s.head() is None
+    assert Store.exists_at(path)
 
 
 def test_schema_version_mismatch(tmp_path: Path, catalog_url: str | None) -> None:
