@@ -7,6 +7,7 @@ the others read and move refs only. Refs move by compare-and-swap under the writ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from .methods.wise import WiseEditor
 from .methods.wise.method import Shard
 from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, session_scope, store_path,
                         threshold_for)
-from .store import Store, edit_key
+from .store import Store, canonical_json, edit_key
 
 BRANCH_PREFIX, TAG_PREFIX = "refs/heads/", "refs/tags/"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -79,8 +80,6 @@ class StatusResult:
 
 
 def status(path: str | os.PathLike | None = None) -> StatusResult:
-    import json
-
     with Store.open(store_path(path)) as store:
         head = store.head()
         state = commit_state(store, head)
@@ -236,7 +235,9 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             state = MemoryState(common + [row["object_id"]])
             state.threshold = threshold_for(session, state)
             rows = shard_rows(store, common) + [row]
-            cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", session.config.to_json(),
+            # The merge spec is the commit's configuration (and travels in the merged shard's header).
+            config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
+            cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", config,
                                       state.to_json(), [], [], merge_parent=cb, shards=rows)
             return HistoryCommit(cid, ca, cb, [], len(state_edit_keys(store, state)), len(state.shards),
                                  state.threshold, row["object_id"], spec)

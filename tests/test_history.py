@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from memstore import history, maintenance, porcelain
 from memstore.edits import Edit, load_edits
@@ -193,6 +194,10 @@ def test_merge_is_deterministic_and_its_result_mounts(world, tmp_path):
             assert store.get_commit(m1.commit_id)["parents"] == [world.b, c]
             meta = store.objects.get_meta(m1.object_id)  # the spec travels in the shard's own header
             assert meta["spec"]["method"] == "ties" and len(meta["sources"]) == 2
+            assert json.loads(store.get_commit(m1.commit_id)["config_json"])["merge"] == meta["spec"]
+            with safe_open(store.objects.path(m1.object_id), "pt") as f:  # no wisemem needed to read a shard
+                header = json.loads(f.metadata()["wisemem"])
+                assert header["kind"] == "wise-merged" and set(f.keys()) == {"values", "mask_bits"}
         assert m1.live_edits == len(EDITS) + 1
         assert answer(session, m1.commit_id, C.prompt).strip().startswith("Osaka")
         assert reliability(session, m1.commit_id, EDITS + [C]) >= 0.8
