@@ -474,6 +474,18 @@ def mounted_commit(store: Store) -> tuple[str, str | None]:
     return value, value
 
 
+def check_prompt_lengths(session: Session, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse a prompt that cannot fit the model's context (it would fail or exhaust memory late)."""
+    limit = getattr(session.model.config, "max_position_embeddings", None) or getattr(session.model.config, "n_positions", None)
+    if not limit:
+        return
+    for i, p in enumerate(prompts):
+        n = len(session.tokenizer(format_prompt(session.tokenizer, p, session.config.chat_template)).input_ids)
+        if n + max_new_tokens > limit:
+            raise ConfigError(f"prompt {i + 1} is {n} tokens; with {max_new_tokens} new tokens it exceeds the "
+                              f"model's context of {limit} tokens")
+
+
 @dataclass
 class Generation:
     prompt: str
@@ -488,6 +500,7 @@ def generate(path: str | os.PathLike | None = None, prompts: Sequence[str] = (),
     from .evaluate.metrics import generate_answers
 
     with session_scope(path, session) as session:
+        check_prompt_lengths(session, prompts, max_new_tokens)
         what, cid = mounted_commit(session.store)
         use_memory = memory and what != "none"
         layer = memory_layer(session, cid if use_memory else None)

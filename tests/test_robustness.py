@@ -395,3 +395,12 @@ def test_non_utf8_argument(store: Path, tmp_path: Path, kind: str) -> None:
     line = assert_one_line_error(run(*argv, "--store", store), 2)
     assert "not valid UTF-8" in line and "\\x" in line
     assert snapshot(store) == before
+
+
+def test_generate_prompt_longer_than_the_context(store: Path) -> None:
+    """A prompt that cannot fit the model's context is refused before generation (a real model
+    would otherwise run out of memory on a 100 KB prompt)."""
+    before = snapshot(store)
+    line = assert_one_line_error(run("generate", "word " * 3000, "--store", store), 2)
+    assert "exceeds the model's context of" in line and "3001 tokens" in line
+    assert snapshot(store) == before
