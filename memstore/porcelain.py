@@ -327,26 +327,47 @@ def _train(session: Session, parent: str | None, edits: Sequence[Edit],
     return new_state, rows, stats
 
 
+@dataclass
+class _Trained:
+    session: Session
+    parent: str | None
+    edits: list[Edit]
+    state: MemoryState
+    rows: list[dict[str, Any]]
+    stats: list
+
+    def seconds_and_steps(self) -> tuple[list[float], list[int]]:
+        return [s.seconds for s in self.stats], [s.steps for s in self.stats]
+
+
+@contextmanager
+def _trained_on_head(path, edits_file, session: Session | None, overrides: dict[str, Any] | None,
+                     lock_timeout: float, progress: Callable[[int, int], None] | None) -> Iterator[_Trained]:
+    """Read the edits (all or nothing: a bad line stops us before anything is written), take the
+    writer lock, and train them on top of HEAD; the caller stages or commits the result."""
+    edits = load_edits(edits_file)
+    if not edits:
+        raise NothingToCommit(f"no edits in {edits_file}")
+    with session_scope(path, session, overrides=overrides) as session, session.store.lock(lock_timeout):
+        if session.store.get_staged() is not None:
+            raise ConfigError("something is staged; `wisemem commit` it (no FILE) or `wisemem unstage` first")
+        parent = session.store.head()
+        state, rows, stats = _train(session, parent, edits, progress)
+        yield _Trained(session, parent, edits, state, rows, stats)
+
+
 def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike = "", *,
           overrides: dict[str, Any] | None = None, lock_timeout: float = 30.0,
           progress: Callable[[int, int], None] | None = None, session: Session | None = None) -> TrainResult:
     """Train the edits into a new memory state on top of HEAD and stage it (HEAD does not move)."""
-    edits = load_edits(edits_file)
-    if not edits:
-        raise NothingToCommit("no edits to train")
-    with session_scope(path, session, overrides=overrides) as session:
-        store = session.store
-        with store.lock(lock_timeout):
-            if store.get_staged() is not None:
-                raise ConfigError("something is already staged; `wisemem commit` it or `wisemem unstage` first")
-            parent = store.head()
-            state, _rows, stats = _train(session, parent, edits, progress)
-            metrics = _own_metrics(session, state, edits)
-            store.set_staged({"parent_id": parent, "state_json": state.to_json(), "config_json": session.config.to_json(),
-                              "edits_json": json.dumps([e.to_dict() for e in edits]), "metrics_json": json.dumps(metrics)})
-            total = len(state_edit_keys(store, state))
-            return TrainResult(parent, len(edits), total, state.threshold, len(state.shards), metrics,
-                               [s.seconds for s in stats], [s.steps for s in stats])
+    with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
+        store, state = t.session.store, t.state
+        metrics = _own_metrics(t.session, state, t.edits)
+        store.set_staged({"parent_id": t.parent, "state_json": state.to_json(), "config_json": t.session.config.to_json(),
+                          "edits_json": json.dumps([e.to_dict() for e in t.edits]), "metrics_json": json.dumps(metrics)})
+        total = len(state_edit_keys(store, state))
+        return TrainResult(t.parent, len(t.edits), total, state.threshold, len(state.shards), metrics,
+                           *t.seconds_and_steps())
 
 
 def unstage(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0) -> int:
@@ -367,23 +388,15 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
     of that file trained and committed in one step."""
     if edits_file is None:
         return _commit_staged(path, message, author, lock_timeout)
-    edits = load_edits(edits_file)  # all-or-nothing: a bad line stops us before anything is written
-    if not edits:
-        raise NothingToCommit("no edits to commit")
-    with session_scope(path, session, overrides=overrides) as session:
-        store = session.store
-        with store.lock(lock_timeout):
-            if store.get_staged() is not None:
-                raise ConfigError("something is staged; `wisemem commit` it (no FILE) or `wisemem unstage` first")
-            parent = store.head()
-            state, rows, stats = _train(session, parent, edits, progress)
-            fault_point("before-catalog-write")
-            cid = store.create_commit(parent, message or f"edit {len(edits)} fact(s)", author, "wise",
-                                      session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
-                                      [e.edit_id for e in edits], shards=rows)
-            total = len(state_edit_keys(store, state))
-            return CommitResult(cid, parent, len(edits), total, state.threshold, len(state.shards), {},
-                                [s.seconds for s in stats], [s.steps for s in stats])
+    with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
+        store, state, edits = t.session.store, t.state, t.edits
+        fault_point("before-catalog-write")
+        cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, "wise",
+                                  t.session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
+                                  [e.edit_id for e in edits], shards=t.rows)
+        total = len(state_edit_keys(store, state))
+        return CommitResult(cid, t.parent, len(edits), total, state.threshold, len(state.shards), {},
+                            *t.seconds_and_steps())
 
 
 def _commit_staged(path, message: str | None, author: str | None, lock_timeout: float) -> CommitResult:
