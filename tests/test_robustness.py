@@ -404,3 +404,22 @@ def test_generate_prompt_longer_than_the_context(store: Path) -> None:
     line = assert_one_line_error(run("generate", "word " * 3000, "--store", store), 2)
     assert "exceeds the model's context of" in line and "3001 tokens" in line
     assert snapshot(store) == before
+
+
+def test_catalog_at_a_url(base: Base, tmp_path: Path) -> None:
+    """`init --catalog URL` keeps the catalog outside the store directory (any SQLAlchemy URL;
+    PostgreSQL runs in tests/test_store.py when WISEMEM_TEST_PG_URL is set)."""
+    model_dir = base.store.parent / "tiny-llama"
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    path = tmp_path / "store"
+    sets = [a for k, v in TINY_SETTINGS.items() for a in ("--set", f"{k}={v}")]
+    r = run("init", "--model", model_dir, "--catalog", url, *sets, "--store", path)
+    assert r.returncode == 0, r
+    assert (path / "catalog.url").read_text().strip() == url and not (path / "catalog.sqlite").exists()
+    r = run("commit", write_edits(tmp_path / "e.jsonl", BASE_EDITS), "-m", "first", "--store", path, "--json")
+    assert r.returncode == 0, r
+    cid = json.loads(r.stdout)["commit_id"]
+    assert run("log", "--oneline", "--store", path).stdout.startswith(cid[:12])
+    assert run("fsck", "--store", path).returncode == 0
+    again = run("init", "--model", model_dir, "--catalog", url, "--store", tmp_path / "other")
+    assert_one_line_error(again, 2)  # that database already holds a store
