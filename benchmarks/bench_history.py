@@ -78,20 +78,28 @@ def main() -> None:
             shutil.copytree(path, dst)
             return dst
 
+        def on(p: Path):  # a session on a copy, sharing the loaded model
+            return porcelain.open_session(p, model=s.model, tokenizer=s.tokenizer)
+
         p = fresh("revert-head")
         r, sec = timed(lambda: history.revert(p, "HEAD", session=s))
-        out["revert_B_last"] = {"seconds": sec, "A": rel(s, r.commit_id, A), "B": rel(s, r.commit_id, B),
-                                "logits_equal_A": torch.equal(logits(s, r.commit_id), logits_a)}
+        t = on(p)
+        out["revert_B_last"] = {"seconds": sec, "A": rel(t, r.commit_id, A), "B": rel(t, r.commit_id, B),
+                                "logits_equal_A": torch.equal(logits(t, r.commit_id), logits_a)}
         p = fresh("revert-a")
         r, sec = timed(lambda: history.revert(p, a, session=s))
-        out["revert_A_older"] = {"seconds": sec, "A": rel(s, r.commit_id, A), "B": rel(s, r.commit_id, B)}
+        t = on(p)
+        out["revert_A_older"] = {"seconds": sec, "A": rel(t, r.commit_id, A), "B": rel(t, r.commit_id, B)}
         p = fresh("revert-edit")
         r, sec = timed(lambda: history.revert(p, edit_id=B[0].edit_id, session=s))
-        out["revert_edit_B0"] = {"seconds": sec, "base_B0": rel(s, None, B[:1]), "B0": rel(s, r.commit_id, B[:1]),
-                                 "kept": rel(s, r.commit_id, [*A, B[1]]), "kept_before": rel(s, b, [*A, B[1]])}
+        t = on(p)
+        out["revert_edit_B0"] = {"seconds": sec, "base_B0": rel(t, None, B[:1]), "B0": rel(t, r.commit_id, B[:1]),
+                                 "kept": rel(t, r.commit_id, [*A, B[1]]), "kept_before": rel(t, b, [*A, B[1]])}
         p = fresh("checkout")
         _, sec = timed(lambda: history.checkout(p, "HEAD~1"))
-        out["checkout"] = {"seconds": sec, "logits_equal": torch.equal(logits(s, a), logits_a)}
+        t = on(p)
+        mounted = porcelain.mounted_commit(t.store)[1]  # HEAD, now detached at A
+        out["checkout"] = {"seconds": sec, "mounted_is_A": mounted == a, "logits_equal": torch.equal(logits(t, mounted), logits_a)}
         p = fresh("merge")
         history.branch(p, "side", a)
         history.checkout(p, "side")
@@ -103,7 +111,7 @@ def main() -> None:
         m1, sec = timed(lambda: history.merge(p, "main", "side", session=s))
         m2 = history.merge(twin, "main", "side", session=s)
         out["merge"] = {"seconds": sec, "same_object": m1.object_id == m2.object_id,
-                        "rel_all": rel(s, m1.commit_id, EDITS + [C])}
+                        "rel_all": rel(on(p), m1.commit_id, EDITS + [C])}
         s.close()
     print(json.dumps(out, indent=2))
     if args.out:

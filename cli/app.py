@@ -43,6 +43,13 @@ def _store(local: Optional[str]) -> Optional[str]:
     return local or state.store
 
 
+def _overrides(config: Optional[Path], pairs: list[str]) -> dict:
+    """Hyperparameters from --config, then --set on top."""
+    out = porcelain.load_config_file(config)
+    out.update(porcelain.parse_overrides(pairs))
+    return out
+
+
 @app.command()
 def init(
     model: Optional[str] = typer.Option(None, "--model", help="Hugging Face id or local path (default: embedded SmolLM2-135M-Instruct)"),
@@ -84,8 +91,7 @@ def train(
     json_out: bool = JsonOpt,
 ) -> None:
     """Train edits into a new memory state and stage it (HEAD does not move; `commit` records it)."""
-    overrides = porcelain.load_config_file(config)
-    overrides.update(porcelain.parse_overrides(set_))
+    overrides = _overrides(config, set_)
     with render.progress("editing") as update:
         result = porcelain.train(_store(store), edits_file, overrides=overrides, lock_timeout=lock_timeout,
                                  progress=update)
@@ -117,8 +123,7 @@ def commit(
     json_out: bool = JsonOpt,
 ) -> None:
     """Record a commit: the staged state, or the edits of FILE trained and committed in one step."""
-    overrides = porcelain.load_config_file(config)
-    overrides.update(porcelain.parse_overrides(set_))
+    overrides = _overrides(config, set_)
     with render.progress("editing", enabled=edits_file is not None) as update:
         result = porcelain.commit(_store(store), edits_file, message=message, overrides=overrides,
                                   lock_timeout=lock_timeout, progress=update)
@@ -219,8 +224,7 @@ def eval_(
     """Apply the first T edits of DATA sequentially to a fresh memory, then measure Rel/Gen/Loc."""
     from memstore.evaluate.api import evaluate
 
-    overrides = porcelain.load_config_file(config)
-    overrides.update(porcelain.parse_overrides(set_))
+    overrides = _overrides(config, set_)
     with render.progress(f"editing (T={n_edits}, chunks={chunks})", enabled=True) as update:
         result = evaluate(data, n_edits=n_edits, chunks=chunks, method=method, model_id=model, layer=layer,
                           irrelevant_file=irrelevant, generation=not no_generation, plain=plain, overrides=overrides,
