@@ -99,6 +99,17 @@ def copy_store(world: World, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture
+def copy(world, tmp_path):
+    """(path, session) of a copy of the world's store; the session shares the loaded model."""
+    path = copy_store(world, tmp_path)
+    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
+    try:
+        yield path, session
+    finally:
+        session.close()
+
+
 def test_edits_took_before_history_is_rewritten(world):
     assert world.rel["A"] >= 0.95 and world.rel["B"] >= 0.95, world.rel
     assert world.rel["base_A"] < 0.5 and world.rel["base_B"] < 0.5, world.rel
@@ -121,110 +132,90 @@ def test_checkout_reproduces_old_logits_bit_for_bit(world, tmp_path):
     assert history.checkout(path, "main").ref == "main"
 
 
-def test_revert_of_the_last_commit_restores_the_previous_memory_exactly(world, tmp_path):
-    path = copy_store(world, tmp_path)
-    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
-    try:
-        r = history.revert(path, "HEAD", session=session)
-        assert sorted(r.removed) == sorted(e.edit_id for e in B)
-        with Store.open(path) as store:
-            assert store.get_commit(r.commit_id)["parents"] == [world.b]  # history kept
-            # B's edits were the end of the shard: the stored version before them comes back as is.
-            assert commit_state(store, r.commit_id).shards == commit_state(store, world.a).shards
-        assert torch.equal(logits_at(session, r.commit_id), world.logits_a)
-        assert reliability(session, r.commit_id, A) >= 0.95 * world.rel["A"]
-        assert reliability(session, r.commit_id, B) <= world.rel["base_B"] + 0.1
-    finally:
-        session.close()
+def test_revert_of_the_last_commit_restores_the_previous_memory_exactly(world, copy):
+    path, session = copy
+    r = history.revert(path, "HEAD", session=session)
+    assert sorted(r.removed) == sorted(e.edit_id for e in B)
+    with Store.open(path) as store:
+        assert store.get_commit(r.commit_id)["parents"] == [world.b]  # history kept
+        # B's edits were the end of the shard: the stored version before them comes back as is.
+        assert commit_state(store, r.commit_id).shards == commit_state(store, world.a).shards
+    assert torch.equal(logits_at(session, r.commit_id), world.logits_a)
+    assert reliability(session, r.commit_id, A) >= 0.95 * world.rel["A"]
+    assert reliability(session, r.commit_id, B) <= world.rel["base_B"] + 0.1
 
 
-def test_revert_of_an_older_commit_takes_its_edits_out_and_keeps_the_rest(world, tmp_path):
-    path = copy_store(world, tmp_path)
-    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
-    try:
-        r = history.revert(path, world.a, session=session)  # A is under B: the shard is retrained on B
-        assert sorted(r.removed) == sorted(e.edit_id for e in A) and r.live_edits == len(B)
-        rel_a, rel_b = reliability(session, r.commit_id, A), reliability(session, r.commit_id, B)
-        assert rel_a <= world.rel["base_A"] + 0.1, (rel_a, world.rel)
-        assert rel_b >= 0.95 * world.rel["B"], (rel_b, world.rel)
-        assert answer(session, r.commit_id, A[0].prompt).strip().startswith(A[0].ground_truth)  # Paris again
-        diff = history.diff(path, world.b, r.commit_id)
-        assert sorted(e["id"] for e in diff.removed) == sorted(e.edit_id for e in A) and not diff.added
-        assert maintenance.fsck(path).ok
-    finally:
-        session.close()
+def test_revert_of_an_older_commit_takes_its_edits_out_and_keeps_the_rest(world, copy):
+    path, session = copy
+    r = history.revert(path, world.a, session=session)  # A is under B: the shard is retrained on B
+    assert sorted(r.removed) == sorted(e.edit_id for e in A) and r.live_edits == len(B)
+    rel_a, rel_b = reliability(session, r.commit_id, A), reliability(session, r.commit_id, B)
+    assert rel_a <= world.rel["base_A"] + 0.1, (rel_a, world.rel)
+    assert rel_b >= 0.95 * world.rel["B"], (rel_b, world.rel)
+    assert answer(session, r.commit_id, A[0].prompt).strip().startswith(A[0].ground_truth)  # Paris again
+    diff = history.diff(path, world.b, r.commit_id)
+    assert sorted(e["id"] for e in diff.removed) == sorted(e.edit_id for e in A) and not diff.added
+    assert maintenance.fsck(path).ok
 
 
-def test_revert_of_one_edit_of_a_multi_edit_commit(world, tmp_path):
-    path = copy_store(world, tmp_path)
-    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
-    try:
-        gone, kept = B[0], [*A, B[1]]
-        r = history.revert(path, edit_id=gone.edit_id, session=session)
-        assert r.removed == [gone.edit_id] and r.live_edits == 3
-        base = reliability(session, None, [gone])
-        assert reliability(session, r.commit_id, [gone]) <= base + 0.1
-        before = (2 * world.rel["A"] + reliability(session, world.b, [B[1]])) / 3
-        assert reliability(session, r.commit_id, kept) >= 0.95 * before
-        with pytest.raises(UnknownEdit):
-            history.revert(path, edit_id=gone.edit_id, session=session)  # no longer live
-        with pytest.raises(NothingToCommit):
-            history.revert(path, r.commit_id, session=session)  # a revert adds no edits
-    finally:
-        session.close()
+def test_revert_of_one_edit_of_a_multi_edit_commit(world, copy):
+    path, session = copy
+    gone, kept = B[0], [*A, B[1]]
+    r = history.revert(path, edit_id=gone.edit_id, session=session)
+    assert r.removed == [gone.edit_id] and r.live_edits == 3
+    base = reliability(session, None, [gone])
+    assert reliability(session, r.commit_id, [gone]) <= base + 0.1
+    before = (2 * world.rel["A"] + reliability(session, world.b, [B[1]])) / 3
+    assert reliability(session, r.commit_id, kept) >= 0.95 * before
+    with pytest.raises(UnknownEdit):
+        history.revert(path, edit_id=gone.edit_id, session=session)  # no longer live
+    with pytest.raises(NothingToCommit):
+        history.revert(path, r.commit_id, session=session)  # a revert adds no edits
 
 
-def test_merge_is_deterministic_and_its_result_mounts(world, tmp_path):
-    path = copy_store(world, tmp_path)
-    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
-    try:
-        history.branch(path, "side", world.a)
-        history.checkout(path, "side")
-        c = porcelain.commit(path, write_edits(tmp_path / "c.jsonl", [C]), message="C", session=session).commit_id
-        history.checkout(path, "main")
-        twin = tmp_path / "twin"
-        shutil.copytree(path, twin)
-        with pytest.raises(ConfigError):
-            history.merge(path, "side", "main", session=session)  # HEAD is main, not side
-        m1 = history.merge(path, "main", "side", session=session)
-        m2 = history.merge(twin, "main", "side", session=session)
-        assert m1.object_id == m2.object_id  # same inputs, same merged shard, byte for byte
-        assert m1.merged_from == c and m1.spec["method"] == "ties"
-        with Store.open(path) as store:
-            assert store.get_commit(m1.commit_id)["parents"] == [world.b, c]
-            meta = store.objects.get_meta(m1.object_id)  # the spec travels in the shard's own header
-            assert meta["spec"]["method"] == "ties" and len(meta["sources"]) == 2
-            assert json.loads(store.get_commit(m1.commit_id)["config_json"])["merge"] == meta["spec"]
-            with safe_open(store.objects.path(m1.object_id), "pt") as f:  # no wisemem needed to read a shard
-                header = json.loads(f.metadata()["wisemem"])
-                assert header["kind"] == "wise-merged" and set(f.keys()) == {"values", "mask_bits"}
-        assert m1.live_edits == len(EDITS) + 1
-        assert answer(session, m1.commit_id, C.prompt).strip().startswith("Osaka")
-        assert reliability(session, m1.commit_id, EDITS + [C]) >= 0.8
-        assert maintenance.fsck(path).ok
-    finally:
-        session.close()
+def test_merge_is_deterministic_and_its_result_mounts(world, copy, tmp_path):
+    path, session = copy
+    history.branch(path, "side", world.a)
+    history.checkout(path, "side")
+    c = porcelain.commit(path, write_edits(tmp_path / "c.jsonl", [C]), message="C", session=session).commit_id
+    history.checkout(path, "main")
+    twin = tmp_path / "twin"
+    shutil.copytree(path, twin)
+    with pytest.raises(ConfigError):
+        history.merge(path, "side", "main", session=session)  # HEAD is main, not side
+    m1 = history.merge(path, "main", "side", session=session)
+    m2 = history.merge(twin, "main", "side", session=session)
+    assert m1.object_id == m2.object_id  # same inputs, same merged shard, byte for byte
+    assert m1.merged_from == c and m1.spec["method"] == "ties"
+    with Store.open(path) as store:
+        assert store.get_commit(m1.commit_id)["parents"] == [world.b, c]
+        meta = store.objects.get_meta(m1.object_id)  # the spec travels in the shard's own header
+        assert meta["spec"]["method"] == "ties" and len(meta["sources"]) == 2
+        assert json.loads(store.get_commit(m1.commit_id)["config_json"])["merge"] == meta["spec"]
+        with safe_open(store.objects.path(m1.object_id), "pt") as f:  # no wisemem needed to read a shard
+            header = json.loads(f.metadata()["wisemem"])
+            assert header["kind"] == "wise-merged" and set(f.keys()) == {"values", "mask_bits"}
+    assert m1.live_edits == len(EDITS) + 1
+    assert answer(session, m1.commit_id, C.prompt).strip().startswith("Osaka")
+    assert reliability(session, m1.commit_id, EDITS + [C]) >= 0.8
+    assert maintenance.fsck(path).ok
 
 
-def test_train_stages_without_moving_head_and_commit_records_it(world, tmp_path):
-    path = copy_store(world, tmp_path)
-    session = porcelain.open_session(path, model=world.session.model, tokenizer=world.session.tokenizer)
-    try:
-        t = porcelain.train(path, write_edits(tmp_path / "c.jsonl", [C]), session=session)
-        assert t.metrics["reliability"] >= 0.95 and t.parent_id == world.b
-        st = history.status(path)
-        assert st.head == world.b and st.staged is not None and st.staged["n_edits"] == 1
-        dangling_before = maintenance.fsck(path).dangling
-        assert dangling_before == []  # the staged shard is referenced by the staging row
-        done = porcelain.commit(path)
-        assert done.parent_id == world.b and done.metrics == t.metrics
-        assert history.status(path).staged is None
-        log = porcelain.log(path)
-        assert log[0].id == done.commit_id and log[0].evaluations[0]["metrics"] == t.metrics
-        with pytest.raises(NothingToCommit):
-            porcelain.commit(path)
-    finally:
-        session.close()
+def test_train_stages_without_moving_head_and_commit_records_it(world, copy, tmp_path):
+    path, session = copy
+    t = porcelain.train(path, write_edits(tmp_path / "c.jsonl", [C]), session=session)
+    assert t.metrics["reliability"] >= 0.95 and t.parent_id == world.b
+    st = history.status(path)
+    assert st.head == world.b and st.staged is not None and st.staged["n_edits"] == 1
+    dangling_before = maintenance.fsck(path).dangling
+    assert dangling_before == []  # the staged shard is referenced by the staging row
+    done = porcelain.commit(path)
+    assert done.parent_id == world.b and done.metrics == t.metrics
+    assert history.status(path).staged is None
+    log = porcelain.log(path)
+    assert log[0].id == done.commit_id and log[0].evaluations[0]["metrics"] == t.metrics
+    with pytest.raises(NothingToCommit):
+        porcelain.commit(path)
 
 
 def test_reset_branch_and_tag(world, tmp_path):
