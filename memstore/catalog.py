@@ -8,7 +8,7 @@ foreign keys. Tables:
     commits         immutable: id = sha256 of the canonical row; state_json = the memory state
     commit_parents  every parent of a commit in order (two for a merge)
     edits           every record a commit adds (op "add") or reverts (op "remove"), stable edit ids
-    shards          one row per shard object (kind, mask seed, layer, edit count, header metadata)
+    shards          one row per shard object (kind, mask seed, layer, edits, own threshold, router signature)
     commit_shards   which shard objects make up the memory at each commit
     refs            HEAD (symbolic "ref: refs/heads/main" or a commit id), branches, tags
     settings        what is mounted
@@ -62,6 +62,9 @@ class Catalog:
             "shards", md, sa.Column("object_id", T, primary_key=True), sa.Column("kind", T, **NN),
             sa.Column("seed", sa.BigInteger), sa.Column("layer", Int, **NN), sa.Column("n_edits", Int, **NN),
             sa.Column("meta_json", T, **NN),
+            # Routing of this shard alone: act_ratio x the lowest score of its own edits under it, and
+            # the object holding its edits' routing keys (edited layer input, mean over the prompt).
+            sa.Column("threshold", sa.Float), sa.Column("signature", T),
         )  # fmt: skip
         self.commit_shards = sa.Table(
             "commit_shards", md, sa.Column("commit_id", T, sa.ForeignKey("commits.id"), primary_key=True),

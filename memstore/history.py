@@ -23,7 +23,7 @@ from .merge import get_merge_method
 from .methods.wise import WiseEditor
 from .methods.wise.method import Shard
 from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, session_scope, store_path,
-                        threshold_for)
+                        threshold_for, with_routing)
 from .store import Store, canonical_json, edit_key
 
 BRANCH_PREFIX, TAG_PREFIX = "refs/heads/", "refs/tags/"
@@ -234,7 +234,7 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             common = [o for o in sa.shards if o in sb.shards]
             state = MemoryState(common + [row["object_id"]])
             state.threshold = threshold_for(session, state)
-            rows = shard_rows(store, common) + [row]
+            rows = with_routing(session, shard_rows(store, common) + [row])
             # The merge spec is the commit's configuration (and travels in the merged shard's header).
             config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
             cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", config,
@@ -297,6 +297,7 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
                 what = f'"{c["message"]}"'
             train = _shard_trainer(session)
             rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards) if r is not None]
+            rows = with_routing(session, rows)
             new = MemoryState([r["object_id"] for r in rows])
             new.threshold = threshold_for(session, new)
             records = store.edit_records(remove)

@@ -9,12 +9,14 @@ commit or `unstage`): reported, not errors; `gc` deletes them and temp files of 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
 from .errors import IntegrityError
-from .memory import MemoryState, shard_meta
+from .memory import MemoryState, key_of, shard_meta, shard_routing
 from .porcelain import binding_config, store_path
+from .edits import edit_from_record
 from .store import SYMREF_PREFIX, Store, commit_hash
 
 
@@ -32,7 +34,7 @@ class FsckReport:
 
 
 def _walk_state(store: Store, state: MemoryState, where: str, reachable: set[str], problems: list[str],
-                on_disk: set[str]) -> None:
+                on_disk: set[str], staged_keys: frozenset[str] = frozenset()) -> None:
     todo = list(state.shards)
     while todo:
         oid = todo.pop()
@@ -47,7 +49,12 @@ def _walk_state(store: Store, state: MemoryState, where: str, reachable: set[str
         except IntegrityError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        missing = set(meta["edits"]) - set(store.edit_records(meta["edits"]))
+        signature = shard_routing(store, oid)[1]
+        if signature:
+            reachable.add(signature)
+            if signature not in on_disk:
+                problems.append(f"{where}: router signature object {signature} of shard {oid[:12]} is missing")
+        missing = set(meta["edits"]) - set(store.edit_records(meta["edits"])) - staged_keys
         if missing:
             problems.append(f"{where}: shard {oid[:12]} names {len(missing)} edit record(s) absent from the catalog")
         todo.extend(meta.get("sources", []))
@@ -71,8 +78,9 @@ def reachable_objects(store: Store, on_disk: set[str], problems: list[str]) -> s
             problems.append(f"commit {cid[:12]}: shard table disagrees with its state")
         _walk_state(store, state, f"commit {cid[:12]}", reachable, problems, on_disk)
     staged = store.get_staged()
-    if staged is not None:
-        _walk_state(store, MemoryState.from_json(staged["state_json"]), "staged", reachable, problems, on_disk)
+    if staged is not None:  # its new edits' records wait in the staging row, not in the edits table
+        keys = frozenset(key_of(edit_from_record(r)) for r in json.loads(staged["edits_json"]))
+        _walk_state(store, MemoryState.from_json(staged["state_json"]), "staged", reachable, problems, on_disk, keys)
     return reachable
 
 
@@ -123,6 +131,7 @@ def gc(path: str | os.PathLike | None = None, *, dry_run: bool = False, lock_tim
         if not dry_run:
             for oid in dangling:
                 store.objects.delete(oid)
+            store.delete_shard_rows(dangling)
             for p in temp:
                 p.unlink(missing_ok=True)
         return GcResult(dangling, [str(p) for p in temp], freed, dry_run)

@@ -98,6 +98,14 @@ def put_merged(store: Store, tau: torch.Tensor, sources: Sequence[str], spec: di
     return _catalog_row(store.objects.put_tensors(_pack(tau, mask), meta), meta)
 
 
+def shard_routing(store: Store, oid: str) -> tuple[float | None, str | None]:
+    """(own threshold, signature object id) of a shard from the catalog."""
+    t = store.catalog.shards
+    with store.catalog.engine.connect() as conn:
+        row = conn.execute(sa.select(t.c.threshold, t.c.signature).where(t.c.object_id == oid)).first()
+    return (row.threshold, row.signature) if row is not None else (None, None)
+
+
 def shard_meta(store: Store, oid: str) -> dict[str, Any]:
     """A shard's header as recorded in the catalog (the object itself is read only for tensors)."""
     t = store.catalog.shards
@@ -107,7 +115,12 @@ def shard_meta(store: Store, oid: str) -> dict[str, Any]:
 
 
 def shard_rows(store: Store, oids: Sequence[str]) -> list[dict[str, Any]]:
-    return [_catalog_row(oid, shard_meta(store, oid)) for oid in oids]
+    """Catalog rows of stored shards, routing columns included."""
+    rows = []
+    for oid in oids:
+        threshold, signature = shard_routing(store, oid)
+        rows.append({**_catalog_row(oid, shard_meta(store, oid)), "threshold": threshold, "signature": signature})
+    return rows
 
 
 def load_tau(store: Store, oid: str) -> torch.Tensor:
@@ -138,6 +151,9 @@ def verify_state(store: Store, state: MemoryState) -> None:
         oid = todo.pop()
         store.objects.verify(oid)
         todo.extend(shard_meta(store, oid).get("sources", []))
+        signature = shard_routing(store, oid)[1]
+        if signature:
+            store.objects.verify(signature)
 
 
 def merge_taus(taus: Sequence[torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
@@ -168,7 +184,7 @@ def rebuild_without(store: Store, oid: str, removed: set[str], train: TrainFn) -
     meta = shard_meta(store, oid)
     keys = meta["edits"]
     if not removed & set(keys):
-        return _catalog_row(oid, meta)
+        return shard_rows(store, [oid])[0]
     keep = [k for k in keys if k not in removed]
     if not keep:
         return None

@@ -19,6 +19,7 @@ from .faults import fault_point
 from .memory import (MERGED, MemoryState, commit_state, edits_for, key_of, load_tau, put_trained, shard_meta,
                      shard_rows, state_edit_keys, verify_state)
 from .methods.wise import WiseConfig, WiseEditor, WiseLayer, default_config, merge_shards, shard_mask
+from .methods.upper import module_inputs
 from .methods.wise.method import Shard, router_threshold
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash
 from .mount import mount_layer
@@ -231,9 +232,41 @@ def save_editor(session: Session, editor: WiseEditor) -> tuple[MemoryState, list
             continue
         mask = shard_mask(shard.tau.shape, cfg.mask_ratio, shard.seed)
         rows.append(put_trained(store, shard.tau, mask, shard.seed, [key_of(e) for e in shard.edits], session.site.layer))
+    rows = with_routing(session, rows, {key_of(e): e for e in editor.all_edits()})
     delta = editor.side_memory()
     threshold = editor.threshold(delta) if delta is not None else None
     return MemoryState([r["object_id"] for r in rows], threshold), rows
+
+
+@torch.no_grad()
+def with_routing(session: Session, rows: list[dict[str, Any]], known: dict[str, Edit] | None = None) -> list[dict[str, Any]]:
+    """Fill the routing columns of new shard rows: the shard's own threshold (act_ratio x the
+    lowest score of its edits under it alone) and its signature, an object holding the centroid
+    of its edits' routing keys (the edited layer's input, background removed, mean over the
+    prompt). `known`: edits not yet in the catalog, by key."""
+    out = []
+    for row in rows:
+        if row.get("signature"):
+            out.append(row)
+            continue
+        store, cfg = session.store, session.config
+        meta = json.loads(row["meta_json"])
+        edits = [known[k] if known and k in known else edits_for(store, [k])[0] for k in meta["edits"]]
+        tau = load_tau(store, row["object_id"]).to(next(session.model.parameters()).device)
+        prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
+        keys, scores = [], []
+        for acts in module_inputs(session.model, session.tokenizer, session.site, prompts):
+            acts = acts.float()
+            if session.basis is not None:
+                acts = acts - (acts @ session.basis) @ session.basis.t()
+            keys.append(acts.mean(0))
+            token_scores = (acts @ tau.t()).norm(dim=-1)
+            scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())
+        centroid = torch.stack(keys).mean(0)
+        signature = store.objects.put_tensors({"centroid": centroid.cpu()},
+                                              {"kind": "wise-router-signature", "shard": row["object_id"]})
+        out.append({**row, "threshold": float(torch.stack(scores).min()) * cfg.act_ratio, "signature": signature})
+    return out
 
 
 def threshold_for(session: Session, state: MemoryState) -> float | None:
@@ -364,7 +397,8 @@ def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike =
         store, state = t.session.store, t.state
         metrics = _own_metrics(t.session, state, t.edits)
         store.set_staged({"parent_id": t.parent, "state_json": state.to_json(), "config_json": t.session.config.to_json(),
-                          "edits_json": json.dumps([e.to_dict() for e in t.edits]), "metrics_json": json.dumps(metrics)})
+                          "edits_json": json.dumps([e.to_dict() for e in t.edits]), "metrics_json": json.dumps(metrics)},
+                         t.rows)
         total = len(state_edit_keys(store, state))
         return TrainResult(t.parent, len(t.edits), total, state.threshold, len(state.shards), metrics,
                            *t.seconds_and_steps())

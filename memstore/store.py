@@ -282,13 +282,23 @@ class Store:
                                                              metrics_json=canonical_json(evaluation["metrics"])))
         return cid
 
-    def _insert_shards(self, conn: sa.Connection, cid: str, shards: Sequence[dict[str, Any]]) -> None:
+    def _insert_shards(self, conn: sa.Connection, cid: str | None, shards: Sequence[dict[str, Any]]) -> None:
         c = self.catalog
         for i, shard in enumerate(shards):
             known = conn.execute(sa.select(c.shards.c.object_id).where(c.shards.c.object_id == shard["object_id"]))
             if known.first() is None:
                 conn.execute(sa.insert(c.shards).values(**shard))
-            conn.execute(sa.insert(c.commit_shards).values(commit_id=cid, position=i, object_id=shard["object_id"]))
+            if cid is not None:
+                conn.execute(sa.insert(c.commit_shards).values(commit_id=cid, position=i, object_id=shard["object_id"]))
+
+    def delete_shard_rows(self, object_ids: Sequence[str]) -> None:
+        """Forget shard rows no commit uses (gc, after their objects are gone)."""
+        c = self.catalog
+        with c.engine.begin() as conn:
+            used = set(conn.execute(sa.select(c.commit_shards.c.object_id)).scalars())
+            gone = [o for o in object_ids if o not in used]
+            for start in range(0, len(gone), 500):
+                conn.execute(sa.delete(c.shards).where(c.shards.c.object_id.in_(gone[start:start + 500])))
 
     def get_commit(self, commit_id: str, *, with_edits: bool = True) -> dict[str, Any]:
         """Commit row as a dict, with `parents`; with `edits` (record dicts added), `edit_ids`, and
@@ -369,11 +379,12 @@ class Store:
             row = conn.execute(sa.select(self.catalog.staging)).mappings().one_or_none()
         return dict(row) if row else None
 
-    def set_staged(self, row: dict[str, Any] | None) -> None:
-        """Replace what is staged (None: clear it)."""
+    def set_staged(self, row: dict[str, Any] | None, shards: Sequence[dict[str, Any]] = ()) -> None:
+        """Replace what is staged (None: clear it); `shards`: catalog rows of its shard objects."""
         with self.catalog.engine.begin() as conn:
             conn.execute(sa.delete(self.catalog.staging))
             if row is not None:
+                self._insert_shards(conn, None, shards)
                 conn.execute(sa.insert(self.catalog.staging).values(id=1, created_at=utc_now(), **row))
 
     def add_evaluation(self, commit_id: str, source: str, metrics: dict[str, Any]) -> None:

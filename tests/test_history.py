@@ -25,7 +25,7 @@ from memstore import history, maintenance, porcelain
 from memstore.edits import Edit, load_edits
 from memstore.errors import ConfigError, NothingToCommit, UnknownEdit
 from memstore.evaluate.metrics import generate_answers, mean, teacher_forced
-from memstore.memory import commit_state
+from memstore.memory import commit_state, shard_routing
 from memstore.mount import mount_layer
 from memstore.porcelain import Session
 from memstore.store import Store
@@ -113,6 +113,16 @@ def copy(world, tmp_path):
 def test_edits_took_before_history_is_rewritten(world):
     assert world.rel["A"] >= 0.95 and world.rel["B"] >= 0.95, world.rel
     assert world.rel["base_A"] < 0.5 and world.rel["base_B"] < 0.5, world.rel
+
+
+def test_shards_carry_their_own_threshold_and_router_signature(world):
+    with Store.open(world.path) as store:
+        (oid,) = commit_state(store, world.b).shards
+        threshold, signature = shard_routing(store, oid)
+        tensors, meta = store.objects.get_tensors(signature)
+    assert threshold is not None and threshold > 0
+    assert meta == {"kind": "wise-router-signature", "shard": oid}
+    assert tensors["centroid"].shape == (world.session.site.module(world.session.model).in_features,)
 
 
 def test_checkout_reproduces_old_logits_bit_for_bit(world, tmp_path):
@@ -207,8 +217,8 @@ def test_train_stages_without_moving_head_and_commit_records_it(world, copy, tmp
     assert t.metrics["reliability"] >= 0.95 and t.parent_id == world.b
     st = history.status(path)
     assert st.head == world.b and st.staged is not None and st.staged["n_edits"] == 1
-    dangling_before = maintenance.fsck(path).dangling
-    assert dangling_before == []  # the staged shard is referenced by the staging row
+    check = maintenance.fsck(path)
+    assert check.ok and check.dangling == [], check  # the staged shard is referenced by the staging row
     done = porcelain.commit(path)
     assert done.parent_id == world.b and done.metrics == t.metrics
     assert history.status(path).staged is None
