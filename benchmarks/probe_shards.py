@@ -3,7 +3,10 @@
 its own edits, (3) top-1 retrieval of one shard per prompt by score / own threshold (no replay
 term between shards).
 
-Run:  .venv/bin/python benchmarks/probe_shards.py [T=30] [edits_per_shard=10]
+Run:  .venv/bin/python benchmarks/probe_shards.py [T=30] [edits_per_shard=10] [negatives=other]
+
+`negatives=other`: half of the time, the margin's irrelevant prompt is an edit of an earlier
+shard, so a shard learns to stay quiet on the other shards' edits (WISE-Retrieve's replay idea).
 
 Used for the "small shards" rows of docs/BENCHMARKS.md (first run as two scratch scripts, then
 re-run as this file with identical figures; training took 637 s).
@@ -21,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from memstore.edits import read_edits  # noqa: E402
+from memstore.edits import Edit, read_edits  # noqa: E402
 from memstore.evaluate.metrics import locality, mean, teacher_forced  # noqa: E402
 from memstore.methods.wise import WiseEditor, WiseLayer  # noqa: E402
 from memstore.methods.wise.method import activation_scores, merge_shards, router_threshold  # noqa: E402
@@ -41,9 +44,20 @@ def token_accuracy(tok, predicted: list[list[int]], targets: list[str]) -> float
     return mean(accs)
 
 
+class OtherShardNegatives(WiseEditor):
+    """Half of the time the margin's negative is a past edit of another shard."""
+
+    def _edit_batch(self, edit, replay):
+        past = [e for s in self.shards[:-1] for e in s.edits]
+        if past and self._rng.random() < 0.5:
+            edit = Edit(**{**edit.to_dict(), "loc_prompt": self._rng.choice(past).prompt})
+        return super()._edit_batch(edit, replay)
+
+
 def main() -> None:
     args = parse_overrides(sys.argv[1:])
     n = int(args.pop("T", 30))
+    editor_cls = OtherShardNegatives if args.pop("negatives", None) == "other" else WiseEditor
     args.setdefault("edits_per_shard", 10)
     model, tok = load_model()
     site = find_edit_site(model)
@@ -51,7 +65,7 @@ def main() -> None:
     edits, _ = read_edits(DATA / "zsre_mend_eval.0-999.json", skip_invalid=True)
     edits = edits[:n]
     irrelevant = [r["loc"] for r in json.loads((DATA / "zsre_mend_train-1k.json").read_text())]
-    editor = WiseEditor(model, tok, site, config, irrelevant)
+    editor = editor_cls(model, tok, site, config, irrelevant)
     start = time.perf_counter()
     editor.apply(edits)
     print(f"train {time.perf_counter() - start:.0f} s, {len(editor.shards)} shards", flush=True)
