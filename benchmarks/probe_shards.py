@@ -9,7 +9,8 @@ Run:  .venv/bin/python benchmarks/probe_shards.py [T=30] [edits_per_shard=10] [n
 shard, so a shard learns to stay quiet on the other shards' edits (WISE-Retrieve's replay idea).
 
 Used for the "small shards" rows of docs/BENCHMARKS.md (first run as two scratch scripts, then
-re-run as this file with identical figures; training took 637 s).
+re-run as this file with identical figures; training took 637 s. `negatives=other` was run once
+through a scratch script with the same override of `_edit_batch`).
 """
 
 from __future__ import annotations
