@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, NothingToCommit, UnknownEdit
-from .memory import (MemoryState, commit_state, load_tau, merge_taus, put_merged, rebuild_without, shard_meta,
+from .memory import (MemoryState, commit_state, edits_for, load_tau, put_merged, rebuild_without, shard_meta,
                      shard_rows, state_edit_keys, unpack, verify_state)
-from .merge import get_merge_method
+from .merge import get_merge_method, merge_with_spec
 from .methods.wise import WiseEditor
 from .methods.wise.method import Shard
 from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, session_scope, store_path,
@@ -229,12 +229,13 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             spec = {"method": method, "params": {"seed": session.config.seed}, "shard_params": shard_params}
             keys = _merged_keys(store, only_a + only_b)
             sources = only_a + only_b
-            row = put_merged(store, merge_taus([load_tau(store, o) for o in sources], spec), sources, spec, keys,
-                             session.site.layer)
+            merged = merge_with_spec([load_tau(store, o) for o in sources], spec)
+            row = put_merged(store, merged, sources, spec, keys, session.site.layer)
+            row = with_routing(session, row, merged, edits_for(store, keys))
             common = [o for o in sa.shards if o in sb.shards]
             state = MemoryState(common + [row["object_id"]])
             state.threshold = threshold_for(session, state)
-            rows = with_routing(session, shard_rows(store, common) + [row])
+            rows = shard_rows(store, common) + [row]
             # The merge spec is the commit's configuration (and travels in the merged shard's header).
             config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
             cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", config,
@@ -297,7 +298,9 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
                 what = f'"{c["message"]}"'
             train = _shard_trainer(session)
             rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards) if r is not None]
-            rows = with_routing(session, rows)
+            rows = [r if r["signature"] else with_routing(session, r, load_tau(store, r["object_id"]),
+                                                            edits_for(store, json.loads(r["meta_json"])["edits"]))
+                    for r in rows]
             new = MemoryState([r["object_id"] for r in rows])
             new.threshold = threshold_for(session, new)
             records = store.edit_records(remove)

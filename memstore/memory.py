@@ -30,7 +30,7 @@ import torch
 
 from .edits import Edit, edit_from_record
 from .errors import IntegrityError
-from .merge import get_merge_method
+from .merge import merge_with_spec
 from .store import Store, canonical_json, edit_key
 
 TRAINED, MERGED = "wise-shard", "wise-merged"
@@ -79,7 +79,7 @@ def unpack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[torc
 
 def _catalog_row(oid: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {"object_id": oid, "kind": meta["kind"], "seed": meta.get("seed"), "layer": meta["layer"],
-            "n_edits": len(meta["edits"]), "meta_json": canonical_json(meta)}
+            "n_edits": len(meta["edits"]), "meta_json": canonical_json(meta), "threshold": None, "signature": None}
 
 
 def put_trained(store: Store, tau: torch.Tensor, mask: torch.Tensor, seed: int, keys: Sequence[str],
@@ -98,29 +98,28 @@ def put_merged(store: Store, tau: torch.Tensor, sources: Sequence[str], spec: di
     return _catalog_row(store.objects.put_tensors(_pack(tau, mask), meta), meta)
 
 
-def shard_routing(store: Store, oid: str) -> tuple[float | None, str | None]:
-    """(own threshold, signature object id) of a shard from the catalog."""
+def _stored_row(store: Store, oid: str) -> dict[str, Any] | None:
     t = store.catalog.shards
     with store.catalog.engine.connect() as conn:
-        row = conn.execute(sa.select(t.c.threshold, t.c.signature).where(t.c.object_id == oid)).first()
-    return (row.threshold, row.signature) if row is not None else (None, None)
+        row = conn.execute(sa.select(t).where(t.c.object_id == oid)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def shard_routing(store: Store, oid: str) -> tuple[float | None, str | None]:
+    """(own threshold, signature object id) of a shard from the catalog."""
+    row = _stored_row(store, oid)
+    return (row["threshold"], row["signature"]) if row is not None else (None, None)
 
 
 def shard_meta(store: Store, oid: str) -> dict[str, Any]:
     """A shard's header as recorded in the catalog (the object itself is read only for tensors)."""
-    t = store.catalog.shards
-    with store.catalog.engine.connect() as conn:
-        text = conn.execute(sa.select(t.c.meta_json).where(t.c.object_id == oid)).scalar_one_or_none()
-    return json.loads(text) if text is not None else store.objects.get_meta(oid)
+    row = _stored_row(store, oid)
+    return json.loads(row["meta_json"]) if row is not None else store.objects.get_meta(oid)
 
 
 def shard_rows(store: Store, oids: Sequence[str]) -> list[dict[str, Any]]:
     """Catalog rows of stored shards, routing columns included."""
-    rows = []
-    for oid in oids:
-        threshold, signature = shard_routing(store, oid)
-        rows.append({**_catalog_row(oid, shard_meta(store, oid)), "threshold": threshold, "signature": signature})
-    return rows
+    return [_stored_row(store, oid) or _catalog_row(oid, store.objects.get_meta(oid)) for oid in oids]
 
 
 def load_tau(store: Store, oid: str) -> torch.Tensor:
@@ -156,14 +155,6 @@ def verify_state(store: Store, state: MemoryState) -> None:
             store.objects.verify(signature)
 
 
-def merge_taus(taus: Sequence[torch.Tensor], spec: dict[str, Any]) -> torch.Tensor:
-    """Merge task vectors with a recorded spec {"method", "params", "shard_params"}."""
-    if len(taus) == 1:
-        return taus[0].clone()  # nothing to reconcile; TIES trimming would only lose the edit
-    method = get_merge_method(spec["method"])
-    return method.merge(list(taus), spec.get("params") or {}, spec.get("shard_params") or [{} for _ in taus])
-
-
 # ---- rebuilding shards without some edits ------------------------------------------------------
 
 TrainFn = Callable[[torch.Tensor, int, Sequence[Edit], Sequence[Edit]], torch.Tensor]
@@ -194,7 +185,7 @@ def rebuild_without(store: Store, oid: str, removed: set[str], train: TrainFn) -
                                     for s, p in zip(meta["sources"], params)) if r is not None]
         taus = [load_tau(store, r["object_id"]) for r, _ in kept]
         spec = dict(meta["spec"], shard_params=[p for _, p in kept])
-        return put_merged(store, merge_taus(taus, spec), [r["object_id"] for r, _ in kept], spec, keep, meta["layer"])
+        return put_merged(store, merge_with_spec(taus, spec), [r["object_id"] for r, _ in kept], spec, keep, meta["layer"])
     first = next(i for i, k in enumerate(keys) if k in removed)
     prefix = keys[:first]
     start = torch.zeros(meta["shape"])

@@ -4,6 +4,7 @@ returns a dataclass; none prints. `wisemem <verb> --help` documents each."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -200,13 +201,12 @@ def memory_layer(session: Session, commit_id: str | None) -> WiseLayer:
 
 
 def state_layer(session: Session, state: MemoryState) -> WiseLayer:
-    """The serving layer of a memory state. Every object is re-hashed on the way in: a corrupt
-    store raises IntegrityError rather than serving a wrong memory."""
+    """The serving layer of a memory state. Loading re-hashes every shard object it serves: a
+    corrupt store raises IntegrityError rather than serving a wrong memory."""
     base = session.site.module(session.model)
     base = getattr(base, "base_layer", base)
     if not state.shards:
         return WiseLayer(base, None, float("inf"), session.config.router_reduce, session.basis)
-    verify_state(session.store, state)
     device = next(session.model.parameters()).device
     delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config).to(device)
     return WiseLayer(base, delta, float(state.threshold), session.config.router_reduce, session.basis)
@@ -231,42 +231,32 @@ def save_editor(session: Session, editor: WiseEditor) -> tuple[MemoryState, list
             rows.append(shard_rows(store, [shard.object_id])[0])
             continue
         mask = shard_mask(shard.tau.shape, cfg.mask_ratio, shard.seed)
-        rows.append(put_trained(store, shard.tau, mask, shard.seed, [key_of(e) for e in shard.edits], session.site.layer))
-    rows = with_routing(session, rows, {key_of(e): e for e in editor.all_edits()})
+        row = put_trained(store, shard.tau, mask, shard.seed, [key_of(e) for e in shard.edits], session.site.layer)
+        rows.append(with_routing(session, row, shard.tau, shard.edits))
     delta = editor.side_memory()
     threshold = editor.threshold(delta) if delta is not None else None
     return MemoryState([r["object_id"] for r in rows], threshold), rows
 
 
 @torch.no_grad()
-def with_routing(session: Session, rows: list[dict[str, Any]], known: dict[str, Edit] | None = None) -> list[dict[str, Any]]:
-    """Fill the routing columns of new shard rows: the shard's own threshold (act_ratio x the
+def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits: Sequence[Edit]) -> dict[str, Any]:
+    """A new shard's catalog row with its routing columns: its own threshold (act_ratio x the
     lowest score of its edits under it alone) and its signature, an object holding the centroid
-    of its edits' routing keys (the edited layer's input, background removed, mean over the
-    prompt). `known`: edits not yet in the catalog, by key."""
-    out = []
-    for row in rows:
-        if row.get("signature"):
-            out.append(row)
-            continue
-        store, cfg = session.store, session.config
-        meta = json.loads(row["meta_json"])
-        edits = [known[k] if known and k in known else edits_for(store, [k])[0] for k in meta["edits"]]
-        tau = load_tau(store, row["object_id"]).to(next(session.model.parameters()).device)
-        prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
-        keys, scores = [], []
-        for acts in module_inputs(session.model, session.tokenizer, session.site, prompts):
-            acts = acts.float()
-            if session.basis is not None:
-                acts = acts - (acts @ session.basis) @ session.basis.t()
-            keys.append(acts.mean(0))
-            token_scores = (acts @ tau.t()).norm(dim=-1)
-            scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())
-        centroid = torch.stack(keys).mean(0)
-        signature = store.objects.put_tensors({"centroid": centroid.cpu()},
-                                              {"kind": "wise-router-signature", "shard": row["object_id"]})
-        out.append({**row, "threshold": float(torch.stack(scores).min()) * cfg.act_ratio, "signature": signature})
-    return out
+    of its edits' routing keys (the edited layer's input, background removed, mean over the prompt)."""
+    store, cfg = session.store, session.config
+    tau = tau.to(next(session.model.parameters()).device)
+    prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
+    keys, scores = [], []
+    for acts in module_inputs(session.model, session.tokenizer, session.site, prompts):
+        acts = acts.float()
+        if session.basis is not None:
+            acts = acts - (acts @ session.basis) @ session.basis.t()
+        keys.append(acts.mean(0))
+        token_scores = (acts @ tau.t()).norm(dim=-1)  # (T,)
+        scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())
+    signature = store.objects.put_tensors({"centroid": torch.stack(keys).mean(0).cpu()},
+                                          {"kind": "wise-router-signature", "shard": row["object_id"]})
+    return {**row, "threshold": float(torch.stack(scores).min()) * cfg.act_ratio, "signature": signature}
 
 
 def threshold_for(session: Session, state: MemoryState) -> float | None:
@@ -321,27 +311,14 @@ class CommitResult:
 
 
 def _own_metrics(session: Session, state: MemoryState, edits: Sequence[Edit]) -> dict[str, float]:
-    """Teacher-forced reliability on the edits, generalization on their rephrases and locality on
-    their locality prompts, with the memory of `state` (what `train` prints)."""
-    from .evaluate.metrics import locality, mean, teacher_forced
+    """Teacher-forced reliability, generalization (rephrases) and locality (locality prompts) of
+    the memory of `state` on these edits (what `train` prints); a measure without data is left out."""
+    from .evaluate.runner import evaluate_memory
 
-    model, tok, chat = session.model, session.tokenizer, session.config.chat_template
-    layer = state_layer(session, state)
-    out: dict[str, float] = {}
-    with mount_layer(model, session.site, layer) as handle:
-        out["reliability"] = mean(teacher_forced(model, tok, [e.prompt for e in edits], [e.target_new for e in edits],
-                                                 handle, chat_template=chat).accuracy())
-        reph = [e for e in edits if e.rephrase_prompt]
-        if reph:
-            out["generalization"] = mean(teacher_forced(model, tok, [e.rephrase_prompt for e in reph],
-                                                        [e.target_new for e in reph], handle, chat_template=chat).accuracy())
-        loc = [e for e in edits if e.locality_prompt and e.locality_ground_truth]
-        if loc:
-            args = ([e.locality_prompt for e in loc], [e.locality_ground_truth for e in loc])
-            before = teacher_forced(model, tok, *args, handle, chat_template=chat, memory=False)
-            after = teacher_forced(model, tok, *args, handle, chat_template=chat)
-            out["locality"] = mean(locality(before, after))
-    return out
+    r = evaluate_memory(session.model, session.tokenizer, session.site, state_layer(session, state), edits,
+                        chat_template=session.config.chat_template, generation=False)
+    measured = {"reliability": r.reliability, "generalization": r.generalization, "locality": r.locality}
+    return {k: v for k, v in measured.items() if not math.isnan(v)}
 
 
 def _train(session: Session, parent: str | None, edits: Sequence[Edit],

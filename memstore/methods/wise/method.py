@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...edits import Edit
-from ...merge import get_merge_method
+from ...merge import merge_with_spec
 from ...model import EditSite, weight_matrix
 from ...prompting import Batch, format_prompt, pad_batch, pad_id, prompt_ids, target_ids
 from ..attach import attached
@@ -274,10 +274,9 @@ class WiseEditor:
 def merge_shards(taus: Sequence[torch.Tensor], config: WiseConfig) -> torch.Tensor | None:
     if not taus:
         return None
-    if len(taus) == 1:
-        return taus[0].clone()  # nothing to reconcile; TIES trimming would only lose the edit
-    merger = get_merge_method(config.merge_method)
-    return merger.merge(list(taus), {"seed": config.seed}, [{"density": config.merge_density} for _ in taus])
+    spec = {"method": config.merge_method, "params": {"seed": config.seed},
+            "shard_params": [{"density": config.merge_density} for _ in taus]}
+    return merge_with_spec(taus, spec)
 
 
 @torch.no_grad()
