@@ -220,3 +220,16 @@ def gc(
         return render.emit_json(r)
     verb = "would delete" if dry_run else "deleted"
     render.out.print(f"{verb} {len(r.removed)} object(s) and {len(r.temp_files)} temp file(s), {r.bytes_freed:,} bytes")
+
+
+index_app = typer.Typer(help="The router index (derived data, rebuilt from the stored masks).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("rebuild")
+def index_rebuild(lock_timeout: float = LockOpt, store: Optional[str] = StoreOpt, json_out: bool = JsonOpt) -> None:
+    """Rewrite the FAISS router index of every MEMOIR memory in the history from its masks."""
+    written = maintenance.rebuild_index(_store(store), lock_timeout=lock_timeout)
+    if json_out:
+        return render.emit_json({"rebuilt": written})
+    render.out.print(f"rebuilt {len(written)} router index file(s)")

@@ -16,14 +16,36 @@ from typing import Any
 
 import torch
 
+from . import memoir_memory
 from .errors import ConfigError, NothingToCommit, UnknownEdit
-from .memory import (MemoryState, commit_state, edits_for, load_tau, put_merged, rebuild_without, shard_meta,
-                     shard_rows, state_edit_keys, unpack, verify_state)
+from .memory import (
+    MemoryState,
+    commit_state,
+    edits_for,
+    load_tau,
+    put_merged,
+    rebuild_without,
+    shard_meta,
+    shard_rows,
+    state_edit_keys,
+    unpack,
+    verify_state,
+)
 from .merge import get_merge_method, merge_with_spec
+from .methods.memoir import MemoirEditor, MemoirState
 from .methods.wise import WiseEditor
 from .methods.wise.method import Shard
-from .porcelain import (CommitInfo, Session, background_prompts, commit_info, mounted_commit, session_scope, store_path,
-                        threshold_for, with_routing)
+from .porcelain import (
+    CommitInfo,
+    Session,
+    background_prompts,
+    commit_info,
+    mounted_commit,
+    session_scope,
+    store_path,
+    threshold_for,
+    with_routing,
+)
 from .store import Store, canonical_json, edit_key
 
 BRANCH_PREFIX, TAG_PREFIX = "refs/heads/", "refs/tags/"
@@ -126,10 +148,18 @@ class DiffResult:
         return bool(self.added or self.removed or self.changed or self.shards or self.threshold_a != self.threshold_b)
 
 
+def _dense(store: Store, oid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, mask of the entries it may use) of a WISE shard or a MEMOIR memory, dense."""
+    if shard_meta(store, oid)["kind"] == memoir_memory.MEMORY:
+        memory = memoir_memory.load_memory(store, oid)[0].memory
+        return memory, memory != 0
+    return unpack(*store.objects.get_tensors(oid))
+
+
 def _union_mask(store: Store, oids: Sequence[str], shape: Sequence[int]) -> torch.Tensor:
     out = torch.zeros(tuple(shape), dtype=torch.bool)
     for oid in oids:
-        out |= unpack(*store.objects.get_tensors(oid))[1]
+        out |= _dense(store, oid)[1]
     return out
 
 
@@ -160,17 +190,18 @@ def _shard_diffs(store: Store, sa: MemoryState, sb: MemoryState) -> list[ShardDi
     only_a = [o for o in sa.shards if o not in sb.shards]
     only_b = [o for o in sb.shards if o not in sa.shards]
     pairs: list[tuple[str | None, str | None]] = []
-    for o in only_b:  # a trained shard keeps its seed as it fills: pair the two versions
-        seed = meta[o].get("seed")
-        match = next((x for x in only_a if seed is not None and meta[x].get("seed") == seed), None)
+    for o in only_b:  # a trained shard keeps its seed as it fills (a MEMOIR store has one memory): pair versions
+        seed, kind = meta[o].get("seed"), meta[o]["kind"]
+        match = next((x for x in only_a if (seed is not None and meta[x].get("seed") == seed)
+                      or kind == meta[x]["kind"] == memoir_memory.MEMORY), None)
         pairs.append((match, o))
     pairs += [(o, None) for o in only_a if all(o != p for p, _ in pairs)]
     out = []
     for oa, ob in pairs:
         any_meta = meta[ob or oa]
         shape = any_meta["shape"]
-        ta, ma = unpack(*store.objects.get_tensors(oa)) if oa else (torch.zeros(shape), None)
-        tb, mb = unpack(*store.objects.get_tensors(ob)) if ob else (torch.zeros(shape), None)
+        ta, ma = _dense(store, oa) if oa else (torch.zeros(shape), None)
+        tb, mb = _dense(store, ob) if ob else (torch.zeros(shape), None)
         if ma is None:
             ma = _union_mask(store, sa.shards, shape)
         if mb is None:
@@ -211,6 +242,9 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
 
     def run(session: Session) -> HistoryCommit:
         store = session.store
+        if session.method != "wise":
+            raise ConfigError(f"merge combines WISE knowledge shards; this store holds {session.method} memories "
+                              "(commit the other branch's edits instead)")
         with store.lock(lock_timeout):
             head, ca, cb = store.head(), store.resolve(a), store.resolve(b)
             if head != ca:
@@ -296,21 +330,39 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
                 if not remove:
                     raise NothingToCommit(f"commit {c['id'][:12]} has no edits live at HEAD to revert")
                 what = f'"{c["message"]}"'
-            train = _shard_trainer(session)
-            rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards) if r is not None]
-            rows = [r if r["signature"] else with_routing(session, r, load_tau(store, r["object_id"]),
-                                                            edits_for(store, json.loads(r["meta_json"])["edits"]))
-                    for r in rows]
+            if session.method == "memoir":
+                rows = [r for r in (memoir_memory.rebuild_without(store, oid, set(remove), _memoir_trainer(session),
+                                                                  lambda keys: edits_for(store, keys),
+                                                                  session.config.threshold)
+                                    for oid in state.shards) if r is not None]
+            else:
+                train = _shard_trainer(session)
+                rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards)
+                        if r is not None]
+                rows = [r if r["signature"] else with_routing(session, r, load_tau(store, r["object_id"]),
+                                                                edits_for(store, json.loads(r["meta_json"])["edits"]))
+                        for r in rows]
             new = MemoryState([r["object_id"] for r in rows])
             new.threshold = threshold_for(session, new)
             records = store.edit_records(remove)
-            cid = store.create_commit(head, message or f"Revert {what}", None, "wise", session.config.to_json(),
+            cid = store.create_commit(head, message or f"Revert {what}", None, session.method, session.config.to_json(),
                                       new.to_json(), [], [], removed=[(k.split(":", 1)[0], records[k]) for k in remove],
                                       shards=rows)
             return HistoryCommit(cid, head, None, [k.split(":", 1)[0] for k in remove],
                                  len(state_edit_keys(store, new)), len(new.shards), new.threshold)
 
     return _with_session(path, session, run)
+
+
+def _memoir_trainer(session: Session):
+    def train(start: MemoirState, earlier, new) -> MemoirState:
+        editor = MemoirEditor(session.model, session.tokenizer, session.site, session.config, (), session.prefixes,
+                              state=start)
+        editor.edits = list(earlier)
+        editor.apply(new)
+        return editor.state
+
+    return train
 
 
 def _shard_trainer(session: Session):

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from . import memoir_memory
 from .errors import IntegrityError
 from .memory import MemoryState, key_of, shard_meta, shard_routing
 from .porcelain import binding_config, store_path
@@ -57,17 +58,18 @@ def _walk_state(store: Store, state: MemoryState, where: str, reachable: set[str
         missing = set(meta["edits"]) - set(store.edit_records(meta["edits"])) - staged_keys
         if missing:
             problems.append(f"{where}: shard {oid[:12]} names {len(missing)} edit record(s) absent from the catalog")
-        todo.extend(meta.get("sources", []))
+        todo.extend(meta.get("sources", []) + ([meta["base"]] if meta.get("base") else []))
 
 
 def reachable_objects(store: Store, on_disk: set[str], problems: list[str]) -> set[str]:
     """Every object the catalog refers to; problems found on the way are appended."""
     reachable: set[str] = set()
-    basis = binding_config(store).get("basis")
-    if basis:
-        reachable.add(basis)
-        if basis not in on_disk:
-            problems.append(f"binding: background basis object {basis} is missing")
+    cfg = binding_config(store)
+    for key, what in (("basis", "background basis"), ("frame", "MEMOIR TopHash frame")):
+        if cfg.get(key):
+            reachable.add(cfg[key])
+            if cfg[key] not in on_disk:
+                problems.append(f"binding: {what} object {cfg[key]} is missing")
     for row in store.all_commits():
         cid = row["id"]
         c = store.get_commit(cid)
@@ -104,6 +106,14 @@ def fsck(path: str | os.PathLike | None = None) -> FsckReport:
                 problems.append(f"ref {name} points at {target}, which is not a commit")
         if "HEAD" not in refs:
             problems.append("HEAD is missing")
+        for oid in sorted(reachable & on_disk):
+            if shard_meta(store, oid).get("kind") != memoir_memory.MEMORY:
+                continue
+            try:
+                if problem := memoir_memory.index_problem(store, oid):
+                    problems.append(problem)
+            except IntegrityError:
+                pass  # the memory cannot be read: its missing or corrupt objects are reported above
         temp = [str(p) for p in store.objects.iter_temp()]
         return FsckReport(len(on_disk), len(commits), problems, sorted(on_disk - reachable), temp)
 
@@ -114,6 +124,18 @@ class GcResult:
     temp_files: list[str]
     bytes_freed: int
     dry_run: bool
+
+
+def rebuild_index(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0) -> list[str]:
+    """Rewrite the router index file of every MEMOIR memory the history refers to, from its masks."""
+    with Store.open(store_path(path)) as store, store.lock(lock_timeout):
+        problems: list[str] = []
+        reachable = reachable_objects(store, set(store.objects.iter_ids()), problems)
+        if problems:
+            raise IntegrityError(f"index rebuild refused: {problems[0]}; run `wisemem fsck`")
+        kind = (binding_config(store).get("hyperparameters") or {}).get("index", "flat")
+        memories = [o for o in sorted(reachable) if shard_meta(store, o).get("kind") == memoir_memory.MEMORY]
+        return memoir_memory.rebuild_indexes(store, memories, kind)
 
 
 def gc(path: str | os.PathLike | None = None, *, dry_run: bool = False, lock_timeout: float = 30.0) -> GcResult:
@@ -134,7 +156,10 @@ def gc(path: str | os.PathLike | None = None, *, dry_run: bool = False, lock_tim
             store.delete_shard_rows(dangling)
             for p in temp:
                 p.unlink(missing_ok=True)
+            for p in (store.path / "index").glob("*.faiss"):  # derived files of deleted objects
+                if p.stem not in reachable:
+                    p.unlink(missing_ok=True)
         return GcResult(dangling, [str(p) for p in temp], freed, dry_run)
 
 
-__all__ = ["FsckReport", "GcResult", "fsck", "gc"]
+__all__ = ["FsckReport", "GcResult", "fsck", "gc", "rebuild_index"]

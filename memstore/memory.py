@@ -149,7 +149,8 @@ def verify_state(store: Store, state: MemoryState) -> None:
     while todo:
         oid = todo.pop()
         store.objects.verify(oid)
-        todo.extend(shard_meta(store, oid).get("sources", []))
+        meta = shard_meta(store, oid)
+        todo.extend(meta.get("sources", []) + ([meta["base"]] if meta.get("base") else []))  # merge sources, delta base
         signature = shard_routing(store, oid)[1]
         if signature:
             store.objects.verify(signature)

@@ -170,12 +170,13 @@ def _guess_final_norm(model: nn.Module) -> str:
     return ""
 
 
-def find_edit_site(model: nn.Module, layer: int | None = None, module: str | None = None) -> EditSite:
+def find_edit_site(model: nn.Module, layer: int | None = None, module: str | None = None,
+                   layer_fraction: float = DEFAULT_LAYER_FRACTION) -> EditSite:
     """Locate the edited projection. `module` (a dotted path with `{L}`) overrides the table."""
     model_type = getattr(model.config, "model_type", "?")
     n_layers = _n_layers(model.config)
     if layer is None:
-        layer = int(round(DEFAULT_LAYER_FRACTION * (n_layers - 1)))
+        layer = int(round(layer_fraction * (n_layers - 1)))
     if layer < 0:
         layer += n_layers
     if not 0 <= layer < n_layers:

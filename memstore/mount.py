@@ -52,6 +52,8 @@ class MountHandle:
             routing.held = None
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and (ids is None or mask.shape == ids.shape):
                 routing.positions = mask.bool()
+            elif mask is None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                routing.positions = torch.ones_like(ids, dtype=torch.bool)  # no padding: every token is prompt
             else:
                 routing.positions = None
 

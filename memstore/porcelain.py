@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,25 @@ import torch
 from .edits import Edit, edit_from_record, load_edits
 from .errors import ConcurrentUpdate, ConfigError, ModelMismatch, NothingToCommit, StoreExists
 from .faults import fault_point
-from .memory import (MERGED, MemoryState, commit_state, edits_for, key_of, load_tau, put_trained, shard_meta,
-                     shard_rows, state_edit_keys, verify_state)
-from .methods.wise import WiseConfig, WiseEditor, WiseLayer, default_config, merge_shards, shard_mask
+from .memory import (
+    MERGED,
+    MemoryState,
+    commit_state,
+    edits_for,
+    key_of,
+    load_tau,
+    put_trained,
+    shard_meta,
+    shard_rows,
+    state_edit_keys,
+    verify_state,
+)
+from .methods.base import MemoryLayer
+from .methods.memoir import MemoirEditor, MemoirState
 from .methods.upper import module_inputs
+from .methods.wise import WiseEditor, WiseLayer, merge_shards, shard_mask
 from .methods.wise.method import Shard, router_threshold
-from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash
+from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash, weight_matrix
 from .mount import mount_layer
 from .prompting import format_prompt
 from .store import ObjectStore, Store
@@ -75,15 +89,20 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def make_config(model_type: str | None, base: dict[str, Any] | None = None, **overrides: Any) -> WiseConfig:
+def make_config(model_type: str | None, base: dict[str, Any] | None = None, *, method: str = "wise",
+                **overrides: Any) -> Any:
+    """The method's config: its per-family defaults, then `base`, then `overrides` (None ignored)."""
+    from .methods.registry import get_method
+
+    config_cls = get_method(method).config_cls
     data = dict(base or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
-    known = set(WiseConfig.help())
-    bad = sorted(set(data) - known)
+    bad = sorted(set(data) - set(config_cls.help()))
     if bad:
-        raise ConfigError(f"unknown hyperparameter(s) {bad}; see `wisemem config --help` for the list")
+        raise ConfigError(f"unknown {method} hyperparameter(s) {bad}; known: {', '.join(sorted(config_cls.help()))}")
+    family_defaults = import_module(config_cls.__module__).default_config
     try:
-        return default_config(model_type, **data)
+        return family_defaults(model_type, **data)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -98,9 +117,11 @@ class Session:
     model: Any
     tokenizer: Any
     site: EditSite
-    config: WiseConfig
+    config: Any  # the method's config (WiseConfig, MemoirConfig)
     prefixes: list[str]
     basis: torch.Tensor | None
+    method: str = "wise"
+    frame: str | None = None  # MEMOIR: the object holding the TopHash permutation and background
 
     def close(self) -> None:
         self.store.close()
@@ -120,12 +141,15 @@ def open_session(path: str | os.PathLike | None = None, *, device: str = "cpu", 
                 "different weights at that layer — open the store with its own model"
             )
         cfg_data = binding_config(store)
-        config = make_config(getattr(model.config, "model_type", None), cfg_data.get("hyperparameters"), **(overrides or {}))
+        method = cfg_data.get("method", "wise")
+        config = make_config(getattr(model.config, "model_type", None), cfg_data.get("hyperparameters"), method=method,
+                             **(overrides or {}))
         basis = None
         if cfg_data.get("basis"):
             tensors, _ = store.objects.get_tensors(cfg_data["basis"])
             basis = tensors["basis"].to(next(model.parameters()).device)
-        return Session(store, model, tokenizer, site, config, list(cfg_data.get("prefixes", [])), basis)
+        return Session(store, model, tokenizer, site, config, list(cfg_data.get("prefixes", [])), basis, method,
+                       cfg_data.get("frame"))
     except BaseException:
         store.close()
         raise
@@ -164,21 +188,30 @@ class InitResult:
 
 def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, layer: int | None = None,
          module: str | None = None, device: str = "cpu", dtype: str = "fp32", config_file: str | None = None,
-         overrides: dict[str, Any] | None = None, catalog: str | None = None) -> InitResult:
+         overrides: dict[str, Any] | None = None, catalog: str | None = None, method: str = "wise") -> InitResult:
     """Create a store bound to a base model (the embedded default when `model_id` is None).
-    `catalog`: a SQLAlchemy URL for the catalog (default $WISEMEM_CATALOG, else a SQLite file)."""
+    `catalog`: a SQLAlchemy URL for the catalog (default $WISEMEM_CATALOG, else a SQLite file).
+    `method`: wise or memoir; a store keeps one method for its whole history."""
+    from .memoir_memory import put_frame
+    from .methods.memoir import MemoirEditor
     from .methods.wise.method import background_basis, generate_prefixes
+
+    if method not in ("wise", "memoir"):
+        raise ConfigError(f"unknown --method '{method}'; a store holds wise or memoir memories")
 
     target = store_path(path)
     if Store.exists_at(target):  # fail before loading a model
         raise StoreExists(f"a wisemem store already exists in {target}")
     model, tokenizer = load_model(model_id, device=device, dtype=dtype)
-    site = find_edit_site(model, layer, module)
     hyper = load_config_file(config_file)
     hyper.update(overrides or {})
-    config = make_config(getattr(model.config, "model_type", None), hyper)
+    config = make_config(getattr(model.config, "model_type", None), hyper, method=method)
+    site = find_edit_site(model, layer, module, layer_fraction=config.layer_fraction)
     prefixes = generate_prefixes(model, tokenizer, config.prefix_seeds, config.prefix_lengths)
-    basis = background_basis(model, tokenizer, site, background_prompts(), config.background_rank, config.chat_template)
+    basis = None
+    if method == "wise":
+        basis = background_basis(model, tokenizer, site, background_prompts(), config.background_rank,
+                                 config.chat_template)
     binding = {
         "model_id": model_id or EMBEDDED_MODEL,
         "revision": getattr(model.config, "_commit_hash", None) or "",
@@ -186,7 +219,10 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
         "layer": site.layer,
         "weight_hash": weight_hash(site.module(model)),
     }
-    cfg: dict[str, Any] = {"hyperparameters": hyper, "prefixes": prefixes, "module_template": module}
+    cfg: dict[str, Any] = {"hyperparameters": hyper, "prefixes": prefixes, "module_template": module, "method": method}
+    if method == "memoir":  # the TopHash frame is fixed for the store's life: every mask depends on it
+        fresh = MemoirEditor(model, tokenizer, site, config, background_prompts(), prefixes).state
+        cfg["frame"] = put_frame(ObjectStore(target), fresh.permutation, fresh.background)
     if basis is not None:  # written before the catalog: an object nothing refers to is harmless
         cfg["basis"] = ObjectStore(target).put_tensors({"basis": basis.cpu().contiguous()}, {"kind": "wise-background"})
     Store.init(target, {**binding, "config_json": json.dumps(cfg, sort_keys=True)}, catalog_url=catalog).close()
@@ -200,9 +236,16 @@ def memory_layer(session: Session, commit_id: str | None) -> WiseLayer:
     return state_layer(session, commit_state(session.store, commit_id))
 
 
-def state_layer(session: Session, state: MemoryState) -> WiseLayer:
+def state_layer(session: Session, state: MemoryState) -> MemoryLayer:
     """The serving layer of a memory state. Loading re-hashes every shard object it serves: a
     corrupt store raises IntegrityError rather than serving a wrong memory."""
+    if session.method == "memoir":
+        from .memoir_memory import memory_index
+
+        editor = memoir_editor(session, state)
+        if not state.shards:
+            return editor.layer()
+        return editor.layer(index=memory_index(session.store, state.shards[0], editor.state.masks, session.config.index))
     base = session.site.module(session.model)
     base = getattr(base, "base_layer", base)
     if not state.shards:
@@ -212,8 +255,29 @@ def state_layer(session: Session, state: MemoryState) -> WiseLayer:
     return WiseLayer(base, delta, float(state.threshold), session.config.router_reduce, session.basis)
 
 
-def editor_for(session: Session, state: MemoryState) -> WiseEditor:
-    """A WiseEditor holding the shards of `state` with their edits: it continues the open shard."""
+def memoir_editor(session: Session, state: MemoryState, with_edits: bool = False) -> MemoirEditor:
+    """A MemoirEditor on the memory of `state` (an empty memory on the store's frame if none)."""
+    from .memoir_memory import load_frame, load_memory
+
+    if state.shards:
+        memoir_state, meta = load_memory(session.store, state.shards[0])
+    else:
+        permutation, background = load_frame(session.store, session.frame)
+        d_out, d_in = weight_matrix(session.site.module(session.model)).shape
+        memoir_state, meta = MemoirState(torch.zeros(d_out, d_in), torch.zeros(0, d_in, dtype=torch.bool),
+                                         permutation, background), {"edits": []}
+    editor = MemoirEditor(session.model, session.tokenizer, session.site, session.config, (), session.prefixes,
+                          state=memoir_state)
+    editor.loaded_from = state.shards[0] if state.shards else None
+    if with_edits:
+        editor.edits = edits_for(session.store, meta["edits"])
+    return editor
+
+
+def editor_for(session: Session, state: MemoryState) -> WiseEditor | MemoirEditor:
+    """An editor holding the memory of `state` with its edits: it continues where `state` ends."""
+    if session.method == "memoir":
+        return memoir_editor(session, state, with_edits=True)
     editor = WiseEditor(session.model, session.tokenizer, session.site, session.config, background_prompts(),
                         session.prefixes, basis=session.basis)
     for oid in state.shards:
@@ -223,9 +287,17 @@ def editor_for(session: Session, state: MemoryState) -> WiseEditor:
     return editor
 
 
-def save_editor(session: Session, editor: WiseEditor) -> tuple[MemoryState, list[dict[str, Any]]]:
+def save_editor(session: Session, editor: WiseEditor | MemoirEditor) -> tuple[MemoryState, list[dict[str, Any]]]:
     """Write the editor's shards (unchanged ones keep their object) and compute the threshold."""
     store, cfg, rows = session.store, session.config, []
+    if isinstance(editor, MemoirEditor):
+        from .memoir_memory import put_memory
+
+        if not editor.edits:
+            return MemoryState(), []
+        row = put_memory(store, editor.state, [key_of(e) for e in editor.edits], editor.k, session.frame,
+                         session.site.layer, cfg.threshold, base=editor.loaded_from, index_kind=cfg.index)
+        return MemoryState([row["object_id"]], cfg.threshold), [row]
     for shard in editor.shards:
         if shard.object_id is not None:  # loaded and not trained since
             rows.append(shard_rows(store, [shard.object_id])[0])
@@ -260,9 +332,12 @@ def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits
 
 
 def threshold_for(session: Session, state: MemoryState) -> float | None:
-    """Router threshold of a state: act_ratio x the lowest activation score of its live edits."""
+    """Router threshold of a state: act_ratio x the lowest activation score of its live edits
+    (MEMOIR: the configured mask-overlap threshold tau)."""
     if not state.shards:
         return None
+    if session.method == "memoir":
+        return float(session.config.threshold)
     delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config)
     edits = edits_for(session.store, state_edit_keys(session.store, state))
     prompts = [format_prompt(session.tokenizer, e.prompt, session.config.chat_template) for e in edits]
@@ -402,7 +477,7 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
     with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
         store, state, edits = t.session.store, t.state, t.edits
         fault_point("before-catalog-write")
-        cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, "wise",
+        cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, t.session.method,
                                   t.session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
                                   [e.edit_id for e in edits], shards=t.rows)
         total = len(state_edit_keys(store, state))
@@ -422,7 +497,8 @@ def _commit_staged(path, message: str | None, author: str | None, lock_timeout: 
         records = json.loads(staged["edits_json"])
         metrics = json.loads(staged["metrics_json"])
         ids = [edit_from_record(r).edit_id for r in records]
-        cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, "wise", staged["config_json"],
+        method = binding_config(store).get("method", "wise")
+        cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, method, staged["config_json"],
                                   state.to_json(), records, ids, shards=shard_rows(store, state.shards),
                                   clear_staging=True, evaluation={"source": "train", "metrics": metrics})
         total = len(state_edit_keys(store, state))

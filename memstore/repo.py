@@ -76,6 +76,9 @@ class Repo:
     def fsck(self) -> maintenance.FsckReport:
         return maintenance.fsck(self.path)
 
+    def rebuild_index(self) -> list[str]:
+        return maintenance.rebuild_index(self.path)
+
     def gc(self, dry_run: bool = False) -> maintenance.GcResult:
         return maintenance.gc(self.path, dry_run=dry_run)
 

@@ -423,3 +423,23 @@ def test_catalog_at_a_url(base: Base, tmp_path: Path) -> None:
     assert run("fsck", "--store", path).returncode == 0
     again = run("init", "--model", model_dir, "--catalog", url, "--store", tmp_path / "other")
     assert_one_line_error(again, 2)  # that database already holds a store
+
+
+def test_eval_memoir_cycles_records_and_matches_its_schema(tmp_path):
+    """`eval --method memoir` on a tiny model: T larger than the file needs --cycle, which the output reports."""
+    import jsonschema
+
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama", seed=0)
+    data = write_edits(tmp_path / "edits.jsonl", BASE_EDITS + NEW_EDITS)
+    args = ("eval", data, "-T", "5", "--method", "memoir", "--model", model_dir, "--no-generation",
+            "--set", "max_steps=2", "--store", tmp_path / "none")
+    short = run(*args)
+    assert short.returncode == 2 and "--cycle" in short.stderr
+    r = run(*args, "--cycle", "--json")
+    assert r.returncode == 0, r
+    out = json.loads(r.stdout)
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schemas" / "eval.schema.json").read_text())
+    jsonschema.validate(out, schema)
+    assert out["method"] == "memoir" and out["n_edits"] == 5
+    assert out["distinct_edits"] == 3 and out["cycled"] == 2
+    assert out["config"]["top_k_ratio"] == 0.2 and out["layer"] == 2  # memoir: 83% of depth, round(0.83 * 3)

@@ -6,16 +6,17 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..edits import read_edits
+from ..edits import Edit, read_edits
 from ..errors import ConfigError, EditFileError
 from ..model import EMBEDDED_MODEL, find_edit_site, load_model
 from .runner import run_eval
 
-METHODS = ("wise-merge",)
+# --method -> the registered method whose config it takes
+METHODS = {"wise-merge": "wise", "wise-retrieve": "wise", "memoir": "memoir"}
 
 
 def irrelevant_prompts(path: str | os.PathLike) -> list[str]:
@@ -34,7 +35,30 @@ def irrelevant_prompts(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def evaluate(data: str | os.PathLike, *, n_edits: int, chunks: int = 1, method: str = "wise-merge",
+def load_eval_edits(data: str | os.PathLike | Sequence[str | os.PathLike], needed: int,
+                    cycle: bool = False) -> tuple[list[Edit], dict[str, Any]]:
+    """The first `needed` edits of the data files, in order; with `cycle`, the records repeat
+    from the start when the files hold fewer (and the returned facts say how often)."""
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    edits: list[Edit] = []
+    skipped = 0
+    for path in paths:
+        more, bad = read_edits(path, skip_invalid=True)
+        edits += more
+        skipped += bad
+    facts: dict[str, Any] = {"data": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
+                             "skipped_records": skipped, "distinct_edits": min(len(edits), needed), "cycled": 0}
+    if needed > len(edits):
+        if not cycle or not edits:
+            raise ConfigError(f"{needed} edits are needed; the data has {len(edits)} usable "
+                              "(give more files, or --cycle to repeat the records)")
+        facts["cycled"] = -(-needed // len(edits))  # passes over the records
+        edits = (edits * facts["cycled"])
+    return edits[:needed], facts
+
+
+def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: int, chunks: int = 1,
+             method: str = "wise-merge", cycle: bool = False,
              model_id: str | None = None, layer: int | None = None, irrelevant_file: str | os.PathLike | None = None,
              generation: bool = True, plain: bool = False, overrides: dict[str, Any] | None = None,
              device: str = "cpu", dtype: str = "fp32", store: str | None = None,
@@ -46,24 +70,21 @@ def evaluate(data: str | os.PathLike, *, n_edits: int, chunks: int = 1, method: 
         raise ConfigError(f"unknown --method '{method}'; available: {', '.join(METHODS)}")
     if n_edits < 1 or chunks < 1:
         raise ConfigError("-T and --chunks must be at least 1")
-    edits, skipped = read_edits(data, skip_invalid=True)
-    needed = n_edits * chunks
-    if needed > len(edits):
-        raise ConfigError(f"-T {n_edits} x {chunks} chunk(s) needs {needed} edits; {data} has {len(edits)} usable")
+    edits, facts = load_eval_edits(data, n_edits * chunks, cycle)
     hyper = dict(overrides or {})
     if model_id is None and Store.exists_at(store_path(store)):  # catalog.sqlite or catalog.url
         with Store.open(store_path(store)) as s:  # evaluate on the store's own model and layer
             model_id, layer = s.binding["model_id"], layer if layer is not None else s.binding["layer"]
     model, tokenizer = load_model(model_id, device=device, dtype=dtype)
-    site = find_edit_site(model, layer)
-    config = make_config(getattr(model.config, "model_type", None), hyper)
+    config = make_config(getattr(model.config, "model_type", None), hyper, method=METHODS[method])
+    site = find_edit_site(model, layer, layer_fraction=config.layer_fraction)
     irrelevant = irrelevant_prompts(irrelevant_file) if irrelevant_file else background_prompts()
     start = time.perf_counter()
     result = run_eval(model, tokenizer, site, edits, config, irrelevant, n_edits=n_edits, chunks=chunks,
-                      generation=generation, plain=plain, progress=progress)
+                      method=method, generation=generation, plain=plain, progress=progress)
     out = result.to_dict()
     out.update({
-        "data": str(data), "skipped_records": skipped, "model": model_id or EMBEDDED_MODEL, "layer": site.layer,
+        **facts, "model": model_id or EMBEDDED_MODEL, "layer": site.layer,
         "module": site.module_path, "plain": plain, "wall_seconds": time.perf_counter() - start,
         "irrelevant": str(irrelevant_file) if irrelevant_file else "built-in background prompts",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device, "dtype": dtype},

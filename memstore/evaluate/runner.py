@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..edits import Edit
-from ..methods.wise import WiseConfig, WiseEditor, WiseLayer
+from ..methods.base import MemoryLayer, MethodConfig
+from ..methods.memoir import MemoirEditor
+from ..methods.wise import WiseEditor, WiseRetrieveEditor
 from ..methods.wise.method import generate_prefixes
 from ..model import EditSite
 from ..mount import mount_layer
@@ -59,7 +61,7 @@ class EvalResult:
         return d
 
 
-def evaluate_memory(model, tokenizer, site: EditSite, layer: WiseLayer, edits: Sequence[Edit], *,
+def evaluate_memory(model, tokenizer, site: EditSite, layer: MemoryLayer, edits: Sequence[Edit], *,
                     chat_template: bool = False, batch_size: int = 16, generation: bool = True) -> ChunkResult:
     """Rel / Gen / Loc and generation exact match of a memory layer on its edits."""
     start = time.perf_counter()
@@ -89,8 +91,12 @@ def evaluate_memory(model, tokenizer, site: EditSite, layer: WiseLayer, edits: S
                        len(edits), eval_seconds=time.perf_counter() - start, threshold=layer.threshold)
 
 
-def run_eval(model, tokenizer, site: EditSite, edits: Sequence[Edit], config: WiseConfig, irrelevant: Sequence[str],
-             *, n_edits: int, chunks: int = 1, generation: bool = True, plain: bool = False,
+# --method of `wisemem eval` -> the editor class that runs it
+EDITORS = {"wise-merge": WiseEditor, "wise-retrieve": WiseRetrieveEditor, "memoir": MemoirEditor}
+
+
+def run_eval(model, tokenizer, site: EditSite, edits: Sequence[Edit], config: MethodConfig, irrelevant: Sequence[str],
+             *, n_edits: int, chunks: int = 1, method: str = "wise-merge", generation: bool = True, plain: bool = False,
              progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Apply `n_edits` edits sequentially to a fresh memory (per chunk) and evaluate them."""
     needed = n_edits * chunks
@@ -101,7 +107,7 @@ def run_eval(model, tokenizer, site: EditSite, edits: Sequence[Edit], config: Wi
     done = 0
     for c in range(chunks):
         chunk = list(edits[c * n_edits:(c + 1) * n_edits])
-        editor = WiseEditor(model, tokenizer, site, config, irrelevant, prefixes)
+        editor = EDITORS[method](model, tokenizer, site, config, irrelevant, prefixes)
 
         def tick(i: int, _s) -> None:
             if progress:
@@ -117,7 +123,7 @@ def run_eval(model, tokenizer, site: EditSite, edits: Sequence[Edit], config: Wi
     all_secs = [s for r in results for s in r.edit_seconds]
     all_steps = [s for r in results for s in r.steps]
     return EvalResult(
-        method="wise-merge", n_edits=n_edits, chunks=chunks,
+        method=method, n_edits=n_edits, chunks=chunks,
         reliability=mean([r.reliability for r in results]),
         generalization=mean([r.generalization for r in results]),
         locality=mean([r.locality for r in results]),

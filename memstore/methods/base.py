@@ -23,6 +23,9 @@ from ..errors import ConfigError
 class MethodConfig:
     """Base of every method's hyperparameters. Subclasses add fields with `help` metadata."""
 
+    # Default edited layer as a fraction of depth, when --layer is not given (measured per method).
+    layer_fraction: ClassVar[float] = 0.6
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -85,6 +88,17 @@ class MemoryLayer(nn.Module):
             yield
         finally:
             self.enabled = previous
+
+    def unflatten(self, x: torch.Tensor) -> torch.Tensor | None:
+        """OPT flattens (B, T, d) to (B*T, d) around its MLP: the (B, T, d) view, or None if not flat."""
+        if x.dim() != 2:
+            return None
+        grid = self.routing.override if self.routing.override is not None else self.routing.positions
+        if grid is None or grid.numel() != x.shape[0]:
+            grid = self.routing.held[:, None] if self.routing.held is not None else None
+        if grid is not None and x.shape[0] % grid.shape[0] == 0:
+            return x.view(grid.shape[0], -1, x.shape[-1])
+        return None
 
     def route_positions(self, scores: torch.Tensor) -> torch.Tensor:
         """Mask (B, T) of the tokens whose scores decide each row's route."""

@@ -16,6 +16,8 @@ def _f(default, help: str):
 class WiseConfig(MethodConfig):
     mask_ratio: float = _f(0.2, "rho: fraction of W' entries a knowledge shard may change (Bernoulli mask)")
     edits_per_shard: int = _f(100, "save_freq: edits a shard holds before a new shard (new mask) starts")
+    shards_per_memory: int = _f(1, "WISE-Retrieve (merge_freq / save_freq): shards merged into each side memory; "
+                                   "a memory closes once it holds this many full shards")
     merge_method: str = _f("ties", "how shards merge into one side memory: ties, dare_ties, task_arithmetic, linear")
     merge_density: float = _f(0.53, "TIES trim: fraction of each shard's entries kept by magnitude")
     optimizer: str = _f("adam", "optimiser of the side memory: sgd (as the reference) or adam")
@@ -44,6 +46,8 @@ class WiseConfig(MethodConfig):
             raise ConfigError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if self.edits_per_shard < 1:
             raise ConfigError("edits_per_shard must be at least 1")
+        if self.shards_per_memory < 1:
+            raise ConfigError(f"shards_per_memory must be at least 1, got {self.shards_per_memory}")
         if not 0.0 < self.merge_density <= 1.0:
             raise ConfigError(f"merge_density must be in (0, 1], got {self.merge_density}")
         if self.max_steps < 1 or self.lr <= 0:

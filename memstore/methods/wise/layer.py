@@ -66,12 +66,9 @@ class WiseLayer(MemoryLayer):
         return torch.matmul(x, delta.t())  # (B, T, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # OPT flattens (B, T, d) to (B*T, d) around its MLP: restore the token grid
-            grid = self.routing.override if self.routing.override is not None else self.routing.positions
-            if grid is None or grid.numel() != x.shape[0]:
-                grid = self.routing.held[:, None] if self.routing.held is not None else None
-            if grid is not None and x.shape[0] % grid.shape[0] == 0:
-                return self.forward(x.view(grid.shape[0], -1, x.shape[-1])).reshape(x.shape[0], -1)
+        flat = self.unflatten(x)
+        if flat is not None:
+            return self.forward(flat).reshape(x.shape[0], -1)
         base = self.base_layer(x)  # (B, T, d_out)
         if self.train_delta is not None:
             side = self.side_output(x, self.train_delta * self.train_mask)

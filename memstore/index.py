@@ -1,0 +1,130 @@
+"""Router indexes: FAISS pre-selection of the stored edits a query may match (DESIGN.md principle 6).
+
+MEMOIR (ALGORITHMS.md §2) routes a query to the stored edit mask with the highest overlap
+|m_q ∩ m_e| / k. Every mask has exactly k bits set, so Hamming distance h = 2k − 2|m_q ∩ m_e|
+and the nearest mask in Hamming space is the one with the highest overlap: a FAISS binary
+index answers it. `MaskIndex` keeps the masks it was given (the truth, from the catalog) next to
+the FAISS structure (derived): `search` asks FAISS for candidates, then scores them exactly;
+`exhaustive` scans every mask, the reference the benchmarks measure the pre-filter against.
+Kinds: "flat" (exact scan, FAISS IndexBinaryFlat), "hnsw" (graph search, sub-linear).
+A store keeps one index file per MEMOIR memory object (`index/<object id>.faiss`): derived data,
+written at commit, checked against the object's masks when read and by `fsck`, and rebuilt by
+`wisemem index rebuild`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+INDEX_KINDS = ("flat", "hnsw")
+
+
+def pack_masks(masks: torch.Tensor) -> np.ndarray:
+    """(N, d) bool → (N, d/8) uint8, little bit order within each byte (FAISS's binary layout)."""
+    bits = masks.detach().to("cpu", torch.bool).numpy()
+    return np.packbits(bits, axis=1, bitorder="little")
+
+
+def unpack_masks(packed: np.ndarray, n_bits: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed, axis=1, count=n_bits, bitorder="little").astype(bool))
+
+
+class MaskIndex:
+    """Masks of stored edits (row i = edit i), searchable by overlap with a query mask."""
+
+    def __init__(self, n_bits: int, kind: str = "flat", candidates: int = 4) -> None:
+        if n_bits % 8:
+            raise ValueError(f"mask length must be a multiple of 8 bits, got {n_bits}")
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind '{kind}'; known: {', '.join(INDEX_KINDS)}")
+        self.n_bits, self.kind, self.candidates = n_bits, kind, candidates
+        self.packed = np.zeros((0, n_bits // 8), dtype=np.uint8)
+        self._faiss = self._new_faiss()
+
+    def _new_faiss(self):
+        if self.kind == "hnsw":
+            index = faiss.IndexBinaryHNSW(self.n_bits, 16)
+            index.hnsw.efSearch = 64
+            return index
+        return faiss.IndexBinaryFlat(self.n_bits)
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    def add(self, masks: torch.Tensor) -> None:
+        packed = pack_masks(masks)
+        self.packed = np.concatenate([self.packed, packed])
+        self._faiss.add(packed)
+
+    def masks(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, d) bool masks of the given stored ids (−1 gives an all-False row)."""
+        ids_np = ids.detach().cpu().numpy()
+        out = unpack_masks(self.packed[np.clip(ids_np, 0, None)], self.n_bits)
+        out[torch.from_numpy(ids_np < 0)] = False
+        return out
+
+    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best stored mask per query: (overlap count (B,), id (B,)); id −1 when the index is empty.
+
+        FAISS proposes `candidates` nearest masks; their exact overlap decides (ties: lowest id)."""
+        B = queries.shape[0]
+        if len(self) == 0:
+            return torch.zeros(B, dtype=torch.long), torch.full((B,), -1, dtype=torch.long)
+        q = pack_masks(queries)
+        _, ids = self._faiss.search(q, min(self.candidates, len(self)))  # (B, n)
+        return self._best_of(q, ids)
+
+    def exhaustive(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same answer by scanning every stored mask (the reference for the pre-filter)."""
+        B = queries.shape[0]
+        if len(self) == 0:
+            return torch.zeros(B, dtype=torch.long), torch.full((B,), -1, dtype=torch.long)
+        overlap = queries.float() @ unpack_masks(self.packed, self.n_bits).float().t()  # (B, N)
+        best = overlap.max(1)
+        return best.values.long(), best.indices
+
+    def _best_of(self, q: np.ndarray, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = np.where(ids < 0, 0, ids)
+        cand = self.packed[ids]  # (B, n, bytes)
+        common = np.unpackbits(np.bitwise_and(cand, q[:, None, :]), axis=2).sum(2)  # (B, n)
+        # argmax over (overlap, −id): the highest overlap, then the lowest id
+        order = common.astype(np.int64) * (len(self) + 1) - ids
+        pick = order.argmax(1)
+        rows = np.arange(ids.shape[0])
+        return torch.from_numpy(common[rows, pick].astype(np.int64)), torch.from_numpy(ids[rows, pick].astype(np.int64))
+
+
+# ---- persisted indexes: derived files beside the objects, rebuilt from the masks at will ----------
+
+def write_index(index: MaskIndex, path: Path) -> None:
+    """Write the FAISS index atomically (temp file + rename): a reader sees the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    faiss.write_index_binary(index._faiss, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_index(path: Path, masks: torch.Tensor, kind: str = "flat") -> MaskIndex | None:
+    """The index stored at `path` for these masks, or None when it is missing or does not hold
+    exactly them (a flat index keeps its codes, which are compared byte for byte)."""
+    if not path.exists():
+        return None
+    try:
+        stored = faiss.read_index_binary(str(path))
+    except RuntimeError:
+        return None
+    index = MaskIndex(masks.shape[1], kind)
+    index.packed = pack_masks(masks)
+    if stored.ntotal != len(index.packed) or stored.d != index.n_bits:
+        return None
+    if isinstance(stored, faiss.IndexBinaryFlat):
+        codes = faiss.vector_to_array(stored.xb).reshape(-1, index.n_bits // 8)
+        if not np.array_equal(codes, index.packed):
+            return None
+    index._faiss = stored
+    return index
