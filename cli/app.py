@@ -214,6 +214,8 @@ def eval_(
     chunks: int = typer.Option(1, "--chunks", help="disjoint T-sized chunks, each on a fresh memory, averaged"),
     method: str = typer.Option("wise-merge", "--method", help="wise-merge, wise-retrieve or memoir"),
     cycle: bool = typer.Option(False, "--cycle", help="repeat the records when the files hold fewer than T x chunks"),
+    one_per_subject: bool = typer.Option(False, "--one-per-subject", help="keep the first record of each subject "
+                                         "(ZsRE repeats a question with different targets)"),
     model: Optional[str] = typer.Option(None, "--model", help="model id/path (default: the store's, else embedded)"),
     layer: Optional[int] = typer.Option(None, "--layer"),
     irrelevant: Optional[Path] = typer.Option(None, "--irrelevant", help="file of irrelevant prompts (records' loc/locality_prompt or lines)"),
@@ -231,7 +233,8 @@ def eval_(
 
     overrides = _overrides(config, set_)
     with render.progress(f"editing (T={n_edits}, chunks={chunks})", enabled=True) as update:
-        result = evaluate(data, n_edits=n_edits, chunks=chunks, method=method, cycle=cycle, model_id=model, layer=layer,
+        result = evaluate(data, n_edits=n_edits, chunks=chunks, method=method, cycle=cycle,
+                          one_per_subject=one_per_subject, model_id=model, layer=layer,
                           irrelevant_file=irrelevant, generation=not no_generation, plain=plain, overrides=overrides,
                           device=device, dtype=dtype, store=_store(store), progress=update)
     if json_out:

@@ -45,6 +45,7 @@ class MaskIndex:
         self.n_bits, self.kind, self.candidates = n_bits, kind, candidates
         self.packed = np.zeros((0, n_bits // 8), dtype=np.uint8)
         self._faiss = self._new_faiss()
+        self._dense: torch.Tensor | None = None  # (N, d) float masks for the exhaustive scan, made on first use
 
     def _new_faiss(self):
         if self.kind == "hnsw":
@@ -60,6 +61,7 @@ class MaskIndex:
         packed = pack_masks(masks)
         self.packed = np.concatenate([self.packed, packed])
         self._faiss.add(packed)
+        self._dense = None
 
     def masks(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, d) bool masks of the given stored ids (−1 gives an all-False row)."""
@@ -84,7 +86,9 @@ class MaskIndex:
         B = queries.shape[0]
         if len(self) == 0:
             return torch.zeros(B, dtype=torch.long), torch.full((B,), -1, dtype=torch.long)
-        overlap = queries.float() @ unpack_masks(self.packed, self.n_bits).float().t()  # (B, N)
+        if self._dense is None:
+            self._dense = unpack_masks(self.packed, self.n_bits).float()
+        overlap = queries.float() @ self._dense.t()  # (B, N)
         best = overlap.max(1)
         return best.values.long(), best.indices
 

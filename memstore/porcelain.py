@@ -9,7 +9,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +99,8 @@ def make_config(model_type: str | None, base: dict[str, Any] | None = None, *, m
     bad = sorted(set(data) - set(config_cls.help()))
     if bad:
         raise ConfigError(f"unknown {method} hyperparameter(s) {bad}; known: {', '.join(sorted(config_cls.help()))}")
-    family_defaults = import_module(config_cls.__module__).default_config
     try:
-        return family_defaults(model_type, **data)
+        return config_cls.for_model(model_type, **data)
     except TypeError as exc:
         raise ConfigError(str(exc)) from exc
 

@@ -150,3 +150,30 @@ def test_memoir_edit_changes_the_real_model_answer(real_model):
     assert bare.accuracy()[0] < 1.0 and after.accuracy()[0] == 1.0
     assert after.predicted[1] == bare.predicted[1]
     assert "Rome" in tok.decode(out[0, enc.input_ids.shape[1]:])
+
+
+def test_protected_rows_see_the_served_memory(tiny_model):
+    """While an edit trains, a protected earlier edit's row computes what serving computes for it:
+    its own mask over W_m (the trained slice included), so keeping its loss low keeps it served right."""
+    model = tiny_model("llama")
+    editor = make_editor(model, protect=2)
+    editor.apply(EDITS[:2])
+    serving = editor.layer()
+    ids = ids_of(EDITS[0].prompt)
+    with mount_layer(model, editor.site, serving):
+        served = model(input_ids=ids).logits
+    assert serving.last_match.tolist() == [0]
+    new_mask = editor.edit_masks([EDITS[2].prompt])[0]
+    cols = new_mask.nonzero().squeeze(1)
+    training = editor._empty_layer()
+    training.start_training(cols, editor.state.memory[:, cols])
+    fixed = editor.state.memory.clone()
+    fixed[:, cols] = 0
+    training.protect(editor.state.masks[:1], fixed)
+    with mount_layer(model, editor.site, training):
+        trained_view = model(input_ids=ids).logits
+    training.stop_training()
+    torch.testing.assert_close(trained_view, served, rtol=1e-5, atol=1e-5)
+    assert editor._most_overlapping(new_mask) and len(editor._most_overlapping(new_mask)) <= 2
+    stats = editor.apply(EDITS[2:])
+    assert accuracy(model, editor.site, editor.layer()) >= 0.5 and stats[0].steps >= 1

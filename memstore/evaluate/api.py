@@ -36,9 +36,11 @@ def irrelevant_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def load_eval_edits(data: str | os.PathLike | Sequence[str | os.PathLike], needed: int,
-                    cycle: bool = False) -> tuple[list[Edit], dict[str, Any]]:
+                    cycle: bool = False, one_per_subject: bool = False) -> tuple[list[Edit], dict[str, Any]]:
     """The first `needed` edits of the data files, in order; with `cycle`, the records repeat
-    from the start when the files hold fewer (and the returned facts say how often)."""
+    from the start when the files hold fewer (and the returned facts say how often).
+    `one_per_subject` keeps the first record of each subject: ZsRE's eval split holds several
+    paraphrases of one question with different targets, i.e. edits that contradict each other."""
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     edits: list[Edit] = []
     skipped = 0
@@ -46,8 +48,11 @@ def load_eval_edits(data: str | os.PathLike | Sequence[str | os.PathLike], neede
         more, bad = read_edits(path, skip_invalid=True)
         edits += more
         skipped += bad
+    if one_per_subject:
+        subjects: set[str] = set()
+        edits = [e for e in edits if e.subject is None or not (e.subject in subjects or subjects.add(e.subject))]
     facts: dict[str, Any] = {"data": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]),
-                             "skipped_records": skipped, "distinct_edits": min(len(edits), needed), "cycled": 0}
+                             "one_per_subject": one_per_subject, "skipped_records": skipped, "distinct_edits": min(len(edits), needed), "cycled": 0}
     if needed > len(edits):
         if not cycle or not edits:
             raise ConfigError(f"{needed} edits are needed; the data has {len(edits)} usable "
@@ -58,7 +63,7 @@ def load_eval_edits(data: str | os.PathLike | Sequence[str | os.PathLike], neede
 
 
 def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: int, chunks: int = 1,
-             method: str = "wise-merge", cycle: bool = False,
+             method: str = "wise-merge", cycle: bool = False, one_per_subject: bool = False,
              model_id: str | None = None, layer: int | None = None, irrelevant_file: str | os.PathLike | None = None,
              generation: bool = True, plain: bool = False, overrides: dict[str, Any] | None = None,
              device: str = "cpu", dtype: str = "fp32", store: str | None = None,
@@ -70,7 +75,7 @@ def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: 
         raise ConfigError(f"unknown --method '{method}'; available: {', '.join(METHODS)}")
     if n_edits < 1 or chunks < 1:
         raise ConfigError("-T and --chunks must be at least 1")
-    edits, facts = load_eval_edits(data, n_edits * chunks, cycle)
+    edits, facts = load_eval_edits(data, n_edits * chunks, cycle, one_per_subject)
     hyper = dict(overrides or {})
     if model_id is None and Store.exists_at(store_path(store)):  # catalog.sqlite or catalog.url
         with Store.open(store_path(store)) as s:  # evaluate on the store's own model and layer

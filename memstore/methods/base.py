@@ -25,6 +25,13 @@ class MethodConfig:
 
     # Default edited layer as a fraction of depth, when --layer is not given (measured per method).
     layer_fraction: ClassVar[float] = 0.6
+    # Per model family (config.model_type) defaults; margins and scales depend on the model.
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def for_model(cls, model_type: str | None = None, **overrides: Any) -> "MethodConfig":
+        """The family's defaults for this model type, then `overrides`."""
+        return cls(**{**cls.family_defaults.get(model_type or "", {}), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

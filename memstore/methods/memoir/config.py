@@ -25,6 +25,7 @@ class MemoirConfig(MethodConfig):
     max_steps: int = _f(30, "optimisation steps per edit at most")
     grad_clip: float = _f(5.0, "gradient-norm clip per step")
     stop_loss: float = _f(0.05, "early stop once the edit loss is below this")
+    protect: int = _f(4, "earlier edits sharing the most columns with a new edit, kept right while it trains (0: off)")
     background_size: int = _f(100, "irrelevant prompts whose mean feature is the background subtracted before top-k")
     center: bool = _f(False, "the memory reads the input minus the background mean (off: the paper's m * a)")
     index: str = _f("flat", "FAISS index over the edit masks: flat (exact) or hnsw (graph, sub-linear)")
@@ -46,12 +47,6 @@ class MemoirConfig(MethodConfig):
             raise ConfigError(f"index must be flat or hnsw, got '{self.index}'")
 
 
-FAMILY_DEFAULTS: dict[str, dict] = {
-    "llama": {},
-}
-
 
 def default_config(model_type: str | None = None, **overrides) -> MemoirConfig:
-    base = dict(FAMILY_DEFAULTS.get(model_type or "", {}))
-    base.update(overrides)
-    return MemoirConfig(**base)
+    return MemoirConfig.for_model(model_type, **overrides)

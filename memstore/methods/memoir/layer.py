@@ -47,6 +47,8 @@ class MemoirLayer(MemoryLayer):
         # Training state: the edit's columns and their trainable slice of W_m.
         self.train_cols: torch.Tensor | None = None
         self.train_slice: nn.Parameter | None = None
+        self.train_row_masks: torch.Tensor | None = None  # (B, d_in) per-row masks when earlier edits are protected
+        self.train_fixed: torch.Tensor | None = None  # (d_out, d_in) W_m outside the trained columns
         self.last_overlap: torch.Tensor | None = None  # (B,) best overlap / k of the last routing
         self.last_match: torch.Tensor | None = None  # (B,) matched edit (−1: bare model)
 
@@ -55,10 +57,14 @@ class MemoirLayer(MemoryLayer):
         self.train_slice = nn.Parameter(init.clone())  # (d_out, k)
         return self.train_slice
 
+    def protect(self, row_masks: torch.Tensor, fixed: torch.Tensor) -> None:
+        """Train with a mask per row: the edit's rows use its mask, protected earlier edits theirs."""
+        self.train_row_masks, self.train_fixed = row_masks, fixed
+
     def stop_training(self) -> torch.Tensor:
         assert self.train_slice is not None
         out = self.train_slice.detach().clone()
-        self.train_cols, self.train_slice = None, None
+        self.train_cols, self.train_slice, self.train_row_masks, self.train_fixed = None, None, None, None
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +74,13 @@ class MemoirLayer(MemoryLayer):
         base = self.base_layer(x)  # (B, T, d_out)
         if self.train_slice is not None:
             cols = self.train_cols
-            a = x[..., cols] - self.background[cols].to(x.dtype) if self.center else x[..., cols]
-            side = torch.matmul(a.to(self.train_slice.dtype), self.train_slice.t())
+            a = x - self.background.to(x.dtype) if self.center else x
+            if self.train_row_masks is None:
+                side = torch.matmul(a[..., cols].to(self.train_slice.dtype), self.train_slice.t())
+            else:
+                a = a * self.train_row_masks[:, None, :].to(a.dtype)  # (B, T, d_in)
+                side = torch.matmul(a[..., cols].to(self.train_slice.dtype), self.train_slice.t()) + \
+                    torch.matmul(a.to(self.train_fixed.dtype), self.train_fixed.t())
             return base + side.to(base.dtype)
         if not self.enabled or self.memory is None or len(self.index) == 0:
             return base
@@ -77,10 +88,11 @@ class MemoirLayer(MemoryLayer):
         routed = match >= 0
         if not bool(routed.any()):
             return base
-        masks = self.index.masks(match.cpu()).to(x.device)  # (B, d_in)
-        a = x - self.background.to(x.dtype) if self.center else x
+        rows = routed.nonzero().squeeze(1).to(x.device)  # only routed rows pay for the memory
+        masks = self.index.masks(match[routed].cpu()).to(x.device)  # (R, d_in)
+        a = x[rows] - self.background.to(x.dtype) if self.center else x[rows]
         side = torch.matmul((a * masks[:, None, :].to(x.dtype)).to(self.memory.dtype), self.memory.t())
-        return torch.where(routed.to(x.device)[:, None, None], base + side.to(base.dtype), base)
+        return base.index_add(0, rows, side.to(base.dtype))
 
     @torch.no_grad()
     def _route(self, x: torch.Tensor) -> torch.Tensor:

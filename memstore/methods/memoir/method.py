@@ -77,7 +77,8 @@ class MemoirEditor:
         feats = mean_features(self.model, self.tokenizer, self.site, prompts, self.config.chat_template)
         return tophash(feats - self.state.background, self.k, self.state.permutation)
 
-    def _edit_batch(self, edit: Edit):
+    def _edit_batch(self, edit: Edit, protected: Sequence[Edit] = ()):
+        """Rows: the edit in 11 contexts, then each protected earlier edit once."""
         cfg, tok = self.config, self.tokenizer
         tgt = target_ids(tok, edit.target_new, cfg.chat_template)
         seqs, plens = [], []
@@ -85,28 +86,49 @@ class MemoirEditor:
             p = prompt_ids(tok, f"{prefix} {edit.prompt}" if prefix else edit.prompt, cfg.chat_template)
             seqs.append(p + tgt)
             plens.append(len(p))
+        for old in protected:
+            p = prompt_ids(tok, old.prompt, cfg.chat_template)
+            seqs.append(p + target_ids(tok, old.target_new, cfg.chat_template))
+            plens.append(len(p))
         return pad_batch(seqs, plens, pad_id(tok), self.device)
+
+    def _most_overlapping(self, mask: torch.Tensor) -> list[int]:
+        """Earlier edits whose masks share the most columns with `mask` (the ones this edit can undo)."""
+        n = min(self.config.protect, len(self.edits))
+        if n == 0:
+            return []
+        shared = (self.state.masks[:len(self.edits)].float() @ mask.cpu().float())  # (N,)
+        return [i for i in shared.topk(n).indices.tolist() if shared[i] > 0]
 
     def train_edit(self, layer: MemoirLayer, edit: Edit) -> EditStats:
         cfg, start = self.config, time.perf_counter()
         mask = self.edit_masks([edit.prompt])[0]
         cols = mask.nonzero().squeeze(1).to(self.device)  # (k,)
         memory = self.state.memory.to(self.device)
+        protected = self._most_overlapping(mask)
         param = layer.start_training(cols, memory[:, cols])
+        if protected:  # each protected row reads through its own mask; its other columns stay fixed
+            row_masks = torch.cat([mask[None].expand(1 + len(self.prefixes), -1), self.state.masks[protected]])
+            fixed = memory.clone()
+            fixed[:, cols] = 0
+            layer.protect(row_masks.to(self.device), fixed)
         opt = torch.optim.SGD([param], lr=cfg.lr)
-        batch = self._edit_batch(edit)
+        batch = self._edit_batch(edit, [self.edits[i] for i in protected])
         rows, pos, labels, _ = (t.to(self.device) for t in batch.target_positions())
+        is_edit = rows < 1 + len(self.prefixes)
         layer.routing.positions = batch.attention_mask.bool()
         captured = self.upper.capture(batch.input_ids, batch.attention_mask)
         loss_v, step = float("inf"), 0
         for step in range(1, cfg.max_steps + 1):
             opt.zero_grad(set_to_none=True)
             logits = self.upper.logits_at(captured, rows, pos)  # (P, V)
-            loss = F.cross_entropy(logits, labels)
+            token_ce = F.cross_entropy(logits, labels, reduction="none")
+            loss = token_ce[is_edit].mean()
+            held = token_ce[~is_edit].mean() if protected else token_ce.new_zeros(())
             loss_v = float(loss.detach())
-            if loss_v <= cfg.stop_loss:
+            if max(loss_v, float(held.detach())) <= cfg.stop_loss:
                 break
-            loss.backward()
+            (loss + held).backward()
             torch.nn.utils.clip_grad_norm_([param], cfg.grad_clip)
             opt.step()
         memory[:, cols] = layer.stop_training()

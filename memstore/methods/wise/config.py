@@ -56,13 +56,6 @@ class WiseConfig(MethodConfig):
             raise ConfigError(f"act_ratio must be in (0, 1], got {self.act_ratio}")
 
 
-# Margins are in units of the activation score, which scales with the model (ALGORITHMS.md §1).
-FAMILY_DEFAULTS: dict[str, dict] = {
-    "llama": {},
-}
-
 
 def default_config(model_type: str | None = None, **overrides) -> WiseConfig:
-    base = dict(FAMILY_DEFAULTS.get(model_type or "", {}))
-    base.update(overrides)
-    return WiseConfig(**base)
+    return WiseConfig.for_model(model_type, **overrides)
