@@ -31,7 +31,7 @@ import torch
 from .edits import Edit
 from .index import MaskIndex, pack_masks, read_index, unpack_masks, write_index
 from .methods.memoir import MemoirState
-from .memory import shard_rows
+from .memory import shard_meta, shard_rows
 from .store import Store, canonical_json
 
 FRAME, MEMORY = "memoir-frame", "memoir-memory"
@@ -57,14 +57,14 @@ def put_memory(store: Store, state: MemoirState, keys: Sequence[str], k: int, fr
             "frame": frame}
     first_new = 0
     if base is not None:
-        base_state, base_meta = load_memory(store, base)
+        base_meta = shard_meta(store, base)
         n_base = len(base_meta["edits"])
         if base_meta.get("depth", 0) + 1 < MAX_DEPTH and list(keys[:n_base]) == base_meta["edits"]:
             meta.update(base=base, depth=base_meta.get("depth", 0) + 1)
-            changed = (memory != base_state.memory).any(0)
             first_new = n_base
-    if "base" not in meta:
-        changed = (memory != 0).any(0)
+    # Training an edit writes only its mask's columns, so on top of `base` exactly the columns of
+    # the new edits' masks changed; a full object holds every column W_m uses.
+    changed = state.masks[first_new:].any(0) if "base" in meta else (memory != 0).any(0)
     columns = changed.nonzero().squeeze(1)  # (n_columns,)
     tensors = {"columns": columns.contiguous(), "values": memory[:, columns].contiguous(),
                "mask_bits": torch.from_numpy(pack_masks(state.masks[first_new:]))}
@@ -76,17 +76,18 @@ def put_memory(store: Store, state: MemoirState, keys: Sequence[str], k: int, fr
 
 def load_memory(store: Store, oid: str) -> tuple[MemoirState, dict[str, Any]]:
     """The full memory state of a memory object (following its base chain; every object re-hashed)."""
-    tensors, meta = store.objects.get_tensors(oid)
-    d_out, d_in = meta["shape"]
-    if meta.get("base"):
-        state = load_memory(store, meta["base"])[0]
-        memory, masks = state.memory, [state.masks]
-    else:
-        memory, masks = torch.zeros(d_out, d_in), []
-    memory[:, tensors["columns"]] = tensors["values"].float()
-    masks.append(unpack_masks(tensors["mask_bits"].numpy().reshape(-1, d_in // 8), d_in))
+    memory, masks, meta = _load_chain(store, oid)
     permutation, background = load_frame(store, meta["frame"])
     return MemoirState(memory, torch.cat(masks), permutation, background), meta
+
+
+def _load_chain(store: Store, oid: str) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
+    tensors, meta = store.objects.get_tensors(oid)
+    d_out, d_in = meta["shape"]
+    memory, masks = _load_chain(store, meta["base"])[:2] if meta.get("base") else (torch.zeros(d_out, d_in), [])
+    memory[:, tensors["columns"]] = tensors["values"].float()
+    masks.append(unpack_masks(tensors["mask_bits"].numpy().reshape(-1, d_in // 8), d_in))
+    return memory, masks, meta
 
 
 TrainFn = Callable[[MemoirState, Sequence[Edit], Sequence[Edit]], MemoirState]
@@ -121,9 +122,6 @@ def rebuild_without(store: Store, oid: str, removed: set[str], train: TrainFn,
     new = train(start, edits_for(prefix), edits_for(rest)) if rest else start
     return put_memory(store, new, keep, meta["k"], meta["frame"], meta["layer"], threshold, base=match)
 
-
-def frame_of(meta: dict[str, Any]) -> str | None:
-    return meta.get("frame") if meta.get("kind") == MEMORY else None
 
 
 

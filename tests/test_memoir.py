@@ -165,7 +165,7 @@ def test_protected_rows_see_the_served_memory(tiny_model):
     assert serving.last_match.tolist() == [0]
     new_mask = editor.edit_masks([EDITS[2].prompt])[0]
     cols = new_mask.nonzero().squeeze(1)
-    training = editor._empty_layer()
+    training = editor.layer(with_memory=False)
     training.start_training(cols, editor.state.memory[:, cols])
     fixed = editor.state.memory.clone()
     fixed[:, cols] = 0

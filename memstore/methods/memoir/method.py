@@ -142,7 +142,7 @@ class MemoirEditor:
         if plain:
             raise ValueError("the plain (whole-model) training loop exists for WISE only")
         stats: list[EditStats] = []
-        layer = self._empty_layer()
+        layer = self.layer(with_memory=False)
         with attached(self.model, self.site, layer):
             for edit in edits:
                 stats.append(self.train_edit(layer, edit))
@@ -152,9 +152,6 @@ class MemoirEditor:
 
     def all_edits(self) -> list[Edit]:
         return list(self.edits)
-
-    def _empty_layer(self) -> MemoirLayer:
-        return self.layer(with_memory=False)
 
     def layer(self, with_memory: bool = True, index: MaskIndex | None = None) -> MemoirLayer:
         """The serving layer; `index` a ready index of exactly this state's masks (else built here)."""
