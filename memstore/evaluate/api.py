@@ -13,10 +13,11 @@ from typing import Any
 from ..edits import Edit, read_edits
 from ..errors import ConfigError, EditFileError
 from ..model import EMBEDDED_MODEL, find_edit_site, load_model
+from .datasets import resolve_family
 from .runner import run_eval
 
 # --method -> the registered method whose config it takes
-METHODS = {"wise-merge": "wise", "wise-retrieve": "wise", "memoir": "memoir"}
+METHODS = {"wise-merge": "wise", "wise-retrieve": "wise", "memoir": "memoir", "ft-l": "ft-l", "grace": "grace"}
 
 
 def irrelevant_prompts(path: str | os.PathLike) -> list[str]:
@@ -66,8 +67,10 @@ def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: 
              method: str = "wise-merge", cycle: bool = False, one_per_subject: bool = False,
              model_id: str | None = None, layer: int | None = None, irrelevant_file: str | os.PathLike | None = None,
              generation: bool = True, plain: bool = False, overrides: dict[str, Any] | None = None,
-             device: str = "cpu", dtype: str = "fp32", store: str | None = None,
+             device: str = "cpu", dtype: str = "fp32", store: str | None = None, family: str | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """`wisemem eval`. `family` (zsre, counterfact, hallucination, temporal, edits) picks the
+    metrics (evaluate/datasets.py); by default it is detected from the data files' records."""
     from ..porcelain import background_prompts, make_config, store_path
     from ..store import Store
 
@@ -75,6 +78,8 @@ def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: 
         raise ConfigError(f"unknown --method '{method}'; available: {', '.join(METHODS)}")
     if n_edits < 1 or chunks < 1:
         raise ConfigError("-T and --chunks must be at least 1")
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    protocol = resolve_family(paths, family)
     edits, facts = load_eval_edits(data, n_edits * chunks, cycle, one_per_subject)
     hyper = dict(overrides or {})
     if model_id is None and Store.exists_at(store_path(store)):  # catalog.sqlite or catalog.url
@@ -86,7 +91,7 @@ def evaluate(data: str | os.PathLike | Sequence[str | os.PathLike], *, n_edits: 
     irrelevant = irrelevant_prompts(irrelevant_file) if irrelevant_file else background_prompts()
     start = time.perf_counter()
     result = run_eval(model, tokenizer, site, edits, config, irrelevant, n_edits=n_edits, chunks=chunks,
-                      method=method, generation=generation, plain=plain, progress=progress)
+                      method=method, generation=generation, plain=plain, family=protocol, progress=progress)
     out = result.to_dict()
     out.update({
         **facts, "model": model_id or EMBEDDED_MODEL, "layer": site.layer,

@@ -59,6 +59,26 @@ class MethodConfig:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+def hyperparameter(default: Any, help: str) -> Any:
+    """A config field with its `--set` help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ContextConfig(MethodConfig):
+    """Hyperparameters of the methods that train an edit in the 11 contexts: the prompt alone and
+    behind 10 short prefixes the model generates from these seeds (ALGORITHMS.md §1)."""
+
+    prefix_seeds: tuple[str, ...] = hyperparameter(("I", "You", "Because", "Yes", "Q: "),
+                                                   "seeds of the generated context prefixes")
+    prefix_lengths: tuple[int, ...] = hyperparameter((5, 10), "lengths in tokens of the generated context prefixes")
+    chat_template: bool = hyperparameter(False, "wrap prompts in the tokenizer's chat template (instruct models)")
+
+    def __post_init__(self) -> None:
+        self.prefix_seeds = tuple(self.prefix_seeds)  # JSON / YAML give lists
+        self.prefix_lengths = tuple(int(n) for n in self.prefix_lengths)
+
+
 class RoutingState:
     """Per-forward routing context shared by the model hook and the memory layer.
 

@@ -37,4 +37,4 @@ def get_method(name: str) -> MethodEntry:
 
 
 def _load_builtin() -> None:
-    from . import memoir, wise  # noqa: F401  (register themselves)
+    from . import baselines, memoir, wise  # noqa: F401  (register themselves)

@@ -13,7 +13,7 @@ on target positions only. Run: `wisemem eval DATA -T 100 --method memoir`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from ...edits import Edit
 from ...index import MaskIndex
 from ...model import EditSite, weight_matrix
 from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids, target_ids
-from ..attach import attached
+from ..sequential import SequentialEditor
 from ..upper import UpperStack, module_inputs
 from ..wise.method import EditStats, generate_prefixes
 from .config import MemoirConfig
@@ -48,7 +48,7 @@ def mean_features(model, tokenizer, site: EditSite, prompts: Sequence[str], chat
     return torch.stack([a.float().mean(0) for a in module_inputs(model, tokenizer, site, texts)])
 
 
-class MemoirEditor:
+class MemoirEditor(SequentialEditor):
     """Sequential MEMOIR editing on one model; `layer()` serves the memory."""
 
     def __init__(self, model: nn.Module, tokenizer, site: EditSite, config: MemoirConfig,
@@ -137,21 +137,8 @@ class MemoirEditor:
         self.edits.append(edit)
         return EditStats(step, loss_v, loss_v, time.perf_counter() - start)
 
-    def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
-              plain: bool = False) -> list[EditStats]:
-        if plain:
-            raise ValueError("the plain (whole-model) training loop exists for WISE only")
-        stats: list[EditStats] = []
-        layer = self.layer(with_memory=False)
-        with attached(self.model, self.site, layer):
-            for edit in edits:
-                stats.append(self.train_edit(layer, edit))
-                if progress:
-                    progress(len(stats), stats[-1])
-        return stats
-
-    def all_edits(self) -> list[Edit]:
-        return list(self.edits)
+    def training_layer(self) -> MemoirLayer:
+        return self.layer(with_memory=False)
 
     def layer(self, with_memory: bool = True, index: MaskIndex | None = None) -> MemoirLayer:
         """The serving layer; `index` a ready index of exactly this state's masks (else built here)."""
