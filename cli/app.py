@@ -103,7 +103,8 @@ def train(
         return render.emit_json(result)
     render.out.print(f"staged {result.n_edits} edit(s); {result.total_edits} live edit(s) in {result.shards} shard(s)")
     for key, value in result.metrics.items():
-        render.out.print(f"  {key:<15} {value:.3f}  (on these edits)")
+        if isinstance(value, float):
+            render.out.print(f"  {key:<15} {value:.3f}  (on these edits)")
     render.out.print("`wisemem commit -m MSG` records it; `wisemem unstage` drops it")
 
 
@@ -120,6 +121,8 @@ def unstage(lock_timeout: float = LockOpt, store: Optional[str] = StoreOpt, json
 def commit(
     edits_file: Optional[Path] = typer.Argument(None, help="JSONL edits to train and commit (default: what is staged)"),
     message: Optional[str] = typer.Option(None, "-m", "--message", help="commit message"),
+    gate: Optional[str] = typer.Option(None, "--gate", help="refuse the commit (exit 1, nothing recorded) unless its "
+                                       "own evaluation meets e.g. \"reliability>=0.9,locality>=0.98\""),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     lock_timeout: float = LockOpt,
@@ -129,13 +132,15 @@ def commit(
     """Record a commit: the staged state, or the edits of FILE trained and committed in one step."""
     overrides = _overrides(config, set_)
     with render.progress("editing", enabled=edits_file is not None) as update:
-        result = porcelain.commit(_store(store), edits_file, message=message, overrides=overrides,
+        result = porcelain.commit(_store(store), edits_file, message=message, overrides=overrides, gate=gate,
                                   lock_timeout=lock_timeout, progress=update)
     if json_out:
         return render.emit_json(result)
     threshold = f"{result.threshold:.3f}" if result.threshold is not None else "none"
     render.out.print(f"[{result.commit_id[:12]}] {result.n_edits} edit(s) committed; {result.total_edits} live edit(s) "
                      f"in {result.shards} shard(s); router threshold {threshold}", markup=False)
+    if gate:
+        render.out.print("gate passed: " + render.metrics_line(result.metrics), markup=False)
 
 
 @app.command()
@@ -209,17 +214,23 @@ def generate(
 
 @app.command("eval")
 def eval_(
-    data: list[Path] = typer.Argument(..., help="edits files or benchmark JSON (ZsRE, CounterFact, ...), used in order"),
+    data: Optional[list[Path]] = typer.Argument(None, help="edits files or benchmark JSON (ZsRE, CounterFact, ...), "
+                                                "used in order"),
+    ref: Optional[str] = typer.Option(None, "--ref", help="instead of DATA: measure the store's memory at REF on its own "
+                                      "edits and record the result on that commit (`wisemem log` shows it)"),
     n_edits: int = typer.Option(10, "-T", help="edits applied sequentially before evaluating"),
     chunks: int = typer.Option(1, "--chunks", help="disjoint T-sized chunks, each on a fresh memory, averaged"),
-    method: str = typer.Option("wise-merge", "--method", help="wise-merge, wise-retrieve or memoir"),
+    method: str = typer.Option("wise-merge", "--method", help="wise-merge, wise-retrieve, memoir, or the baselines "
+                                "ft-l (fine-tune W) and grace (key-value codebook)"),
     cycle: bool = typer.Option(False, "--cycle", help="repeat the records when the files hold fewer than T x chunks"),
     one_per_subject: bool = typer.Option(False, "--one-per-subject", help="keep the first record of each subject "
                                          "(ZsRE repeats a question with different targets)"),
     model: Optional[str] = typer.Option(None, "--model", help="model id/path (default: the store's, else embedded)"),
     layer: Optional[int] = typer.Option(None, "--layer"),
     irrelevant: Optional[Path] = typer.Option(None, "--irrelevant", help="file of irrelevant prompts (records' loc/locality_prompt or lines)"),
-    no_generation: bool = typer.Option(False, "--no-generation", help="skip generation exact match"),
+    family: Optional[str] = typer.Option(None, "--family", help="zsre, counterfact, hallucination, temporal or edits: "
+                                         "which metrics apply (default: detected from the records' fields)"),
+    no_generation: bool = typer.Option(False, "--no-generation", help="skip generation exact match and token F1"),
     plain: bool = typer.Option(False, "--plain", help="train with the plain full-model loop (speed baseline)"),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
@@ -228,27 +239,48 @@ def eval_(
     store: Optional[str] = StoreOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Apply the first T edits of DATA sequentially to a fresh memory, then measure Rel/Gen/Loc."""
+    """Apply the first T edits of DATA sequentially to a fresh memory, then measure Rel/Gen/Loc
+    (and perplexity for hallucination data, OOD generalisation for temporal data); or, with
+    --ref, measure a commit of the store on its own edits and record it."""
     from memstore.evaluate.api import evaluate
 
+    if ref is not None:
+        return _eval_ref(ref, bool(data), not no_generation, _store(store), json_out)
+    if not data:
+        raise ConfigError("give DATA files to evaluate on, or --ref REF to evaluate a commit of the store")
     overrides = _overrides(config, set_)
     with render.progress(f"editing (T={n_edits}, chunks={chunks})", enabled=True) as update:
         result = evaluate(data, n_edits=n_edits, chunks=chunks, method=method, cycle=cycle,
                           one_per_subject=one_per_subject, model_id=model, layer=layer,
                           irrelevant_file=irrelevant, generation=not no_generation, plain=plain, overrides=overrides,
-                          device=device, dtype=dtype, store=_store(store), progress=update)
+                          device=device, dtype=dtype, store=_store(store), family=family, progress=update)
     if json_out:
         return render.emit_json(result)
-    render.out.print(f"{result['method']}  T={result['n_edits']} x {result['chunks']} chunk(s)  on {result['data']}")
+    render.out.print(f"{result['method']}  T={result['n_edits']} x {result['chunks']} chunk(s)  on {result['data']} "
+                     f"({result['family']})", markup=False)
     if result["cycled"]:
         render.out.print(f"  records cycled: {result['distinct_edits']} distinct edits, {result['cycled']} passes")
-    for key in ("reliability", "generalization", "locality", "generation_exact_match", "rephrase_exact_match",
-                "seconds_per_edit"):
+    own = ("perplexity", "perplexity_before", "ood_generalization", "ood_generalization_before")
+    for key in ("reliability", "generalization", "locality", *(k for k in own if k in result), "generation_exact_match",
+                "rephrase_exact_match", "generation_token_f1", "rephrase_token_f1", "seconds_per_edit"):
         value = result.get(key)
         render.out.print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
 
 
+def _eval_ref(ref: str, has_data: bool, generation: bool, store: Optional[str], json_out: bool) -> None:
+    from memstore import history
+
+    if has_data:
+        raise ConfigError("--ref evaluates the store's own edits: give DATA or --ref, not both")
+    with render.err.status(f"evaluating {ref} on its own edits"):
+        result = history.evaluate_ref(store, ref, generation=generation)
+    if json_out:
+        return render.emit_json(result)
+    render.out.print(f"{result.commit_id[:12]}  {render.metrics_line(result.metrics)}  (recorded)", markup=False)
+
+
 from . import history_cli  # noqa: E402,F401  (registers the history verbs on `app`)
+from . import bench_cli  # noqa: E402,F401  (registers `bench`)
 
 
 def _check_utf8(args: list[str]) -> None:

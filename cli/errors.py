@@ -21,6 +21,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.ConcurrentUpdate, LOCK_TIMEOUT),
     (E.IntegrityError, INTEGRITY),
     (E.ModelMismatch, MODEL_MISMATCH),
+    (E.GateFailed, CHECK_FAILED),
     (E.WisememError, USAGE),
 ]
 

@@ -97,6 +97,10 @@ class NothingToCommit(WisememError, ValueError):
     """A commit with no edits."""
 
 
+class GateFailed(WisememError):
+    """A commit's own evaluation missed a `--gate` condition: nothing was recorded."""
+
+
 class ConcurrentUpdate(WisememError):
     """A ref moved between read and write: the compare-and-swap failed, nothing was written."""
 

@@ -42,6 +42,7 @@ from .porcelain import (
     commit_info,
     mounted_commit,
     session_scope,
+    state_metrics,
     store_path,
     threshold_for,
     with_routing,
@@ -119,6 +120,31 @@ def status(path: str | os.PathLike | None = None) -> StatusResult:
 
 
 # ---- diff ----------------------------------------------------------------------------------------
+
+@dataclass
+class RefEvaluation:
+    commit_id: str
+    metrics: dict[str, Any]
+    recorded: bool
+
+
+def evaluate_ref(path: str | os.PathLike | None = None, ref: str = "HEAD", *, generation: bool = True,
+                 record: bool = True, lock_timeout: float = 30.0, session: Session | None = None) -> RefEvaluation:
+    """Measure the memory at `ref` on its own live edits (and their recorded locality prompts) and,
+    with `record`, store the result on that commit (`wisemem log` shows it)."""
+    with session_scope(path, session) as session:
+        store = session.store
+        cid = store.resolve(ref)
+        state = commit_state(store, cid)
+        edits = edits_for(store, state_edit_keys(store, state))
+        if not edits:
+            raise ConfigError(f"the memory at {ref} holds no edits to evaluate")
+        metrics = state_metrics(session, state, edits, generation=generation)
+        if record:
+            with store.lock(lock_timeout):
+                store.add_evaluation(cid, "eval --ref", metrics)
+        return RefEvaluation(cid, metrics, record)
+
 
 @dataclass
 class ShardDiff:

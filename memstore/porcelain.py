@@ -4,7 +4,6 @@ returns a dataclass; none prints. `wisemem <verb> --help` documents each."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ import torch
 from .edits import Edit, edit_from_record, load_edits
 from .errors import ConcurrentUpdate, ConfigError, ModelMismatch, NothingToCommit, StoreExists
 from .faults import fault_point
+from .gate import GateCondition, check_gate, needs_generation, parse_gate
 from .memory import (
     MERGED,
     MemoryState,
@@ -365,7 +365,7 @@ class TrainResult:
     total_edits: int
     threshold: float | None
     shards: int
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
     seconds_per_edit: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
@@ -378,20 +378,19 @@ class CommitResult:
     total_edits: int
     threshold: float | None
     shards: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     seconds_per_edit: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
 
 
-def _own_metrics(session: Session, state: MemoryState, edits: Sequence[Edit]) -> dict[str, float]:
-    """Teacher-forced reliability, generalization (rephrases) and locality (locality prompts) of
-    the memory of `state` on these edits (what `train` prints); a measure without data is left out."""
-    from .evaluate.runner import evaluate_memory
+def state_metrics(session: Session, state: MemoryState, edits: Sequence[Edit], generation: bool = False) -> dict[str, Any]:
+    """The memory of `state` measured on these edits (evaluate/own_edits.py): what `train` prints,
+    `commit --gate` checks and `eval --ref` records."""
+    from .evaluate.own_edits import own_metrics
 
-    r = evaluate_memory(session.model, session.tokenizer, session.site, state_layer(session, state), edits,
-                        chat_template=session.config.chat_template, generation=False)
-    measured = {"reliability": r.reliability, "generalization": r.generalization, "locality": r.locality}
-    return {k: v for k, v in measured.items() if not math.isnan(v)}
+    return own_metrics(session.model, session.tokenizer, session.site, state_layer(session, state), edits,
+                       chat_template=session.config.chat_template, generation=generation,
+                       fallback_prompts=background_prompts())
 
 
 def _train(session: Session, parent: str | None, edits: Sequence[Edit],
@@ -445,7 +444,7 @@ def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike =
     """Train the edits into a new memory state on top of HEAD and stage it (HEAD does not move)."""
     with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
         store, state = t.session.store, t.state
-        metrics = _own_metrics(t.session, state, t.edits)
+        metrics = state_metrics(t.session, state, t.edits)
         store.set_staged({"parent_id": t.parent, "state_json": state.to_json(), "config_json": t.session.config.to_json(),
                           "edits_json": json.dumps([e.to_dict() for e in t.edits]), "metrics_json": json.dumps(metrics)},
                          t.rows)
@@ -466,24 +465,33 @@ def unstage(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0
 
 def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike | None = None, *,
            message: str | None = None, author: str | None = None, overrides: dict[str, Any] | None = None,
-           lock_timeout: float = 30.0, progress: Callable[[int, int], None] | None = None,
-           session: Session | None = None) -> CommitResult:
+           gate: str | Sequence[GateCondition] | None = None, lock_timeout: float = 30.0,
+           progress: Callable[[int, int], None] | None = None, session: Session | None = None) -> CommitResult:
     """Record a commit on the current branch: the staged state, or (with `edits_file`) the edits
-    of that file trained and committed in one step."""
+    of that file trained and committed in one step. With `gate` ("reliability>=0.9,locality>=0.98"),
+    the new memory is measured on the commit's edits first and GateFailed is raised, with nothing
+    recorded, unless every condition holds; the measurement is recorded on the commit."""
+    conditions = parse_gate(gate) if isinstance(gate, str) else list(gate or [])
     if edits_file is None:
-        return _commit_staged(path, message, author, lock_timeout)
+        return _commit_staged(path, message, author, lock_timeout, conditions)
     with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
         store, state, edits = t.session.store, t.state, t.edits
+        metrics, evaluation = {}, None
+        if conditions:
+            metrics = state_metrics(t.session, state, edits, generation=needs_generation(conditions))
+            check_gate(conditions, metrics)
+            evaluation = {"source": "commit --gate " + ",".join(map(str, conditions)), "metrics": metrics}
         fault_point("before-catalog-write")
         cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, t.session.method,
                                   t.session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
-                                  [e.edit_id for e in edits], shards=t.rows)
+                                  [e.edit_id for e in edits], shards=t.rows, evaluation=evaluation)
         total = len(state_edit_keys(store, state))
-        return CommitResult(cid, t.parent, len(edits), total, state.threshold, len(state.shards), {},
+        return CommitResult(cid, t.parent, len(edits), total, state.threshold, len(state.shards), metrics,
                             *t.seconds_and_steps())
 
 
-def _commit_staged(path, message: str | None, author: str | None, lock_timeout: float) -> CommitResult:
+def _commit_staged(path, message: str | None, author: str | None, lock_timeout: float,
+                   conditions: Sequence[GateCondition] = ()) -> CommitResult:
     with Store.open(store_path(path)) as store, store.lock(lock_timeout):
         staged = store.get_staged()
         if staged is None:
@@ -494,6 +502,7 @@ def _commit_staged(path, message: str | None, author: str | None, lock_timeout: 
         state = MemoryState.from_json(staged["state_json"])
         records = json.loads(staged["edits_json"])
         metrics = json.loads(staged["metrics_json"])
+        check_gate(conditions, metrics)  # on what `train` measured; the staged state stays staged if it fails
         ids = [edit_from_record(r).edit_id for r in records]
         method = binding_config(store).get("method", "wise")
         cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, method, staged["config_json"],

@@ -73,6 +73,10 @@ class Repo:
     def diff(self, a: str, b: str) -> history.DiffResult:
         return history.diff(self.path, a, b)
 
+    def evaluate(self, ref: str = "HEAD", **kwargs: Any) -> history.RefEvaluation:
+        """Measure the memory at `ref` on its own edits and record it on the commit (`eval --ref`)."""
+        return history.evaluate_ref(self.path, ref, **kwargs)
+
     def fsck(self) -> maintenance.FsckReport:
         return maintenance.fsck(self.path)
 

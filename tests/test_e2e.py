@@ -266,3 +266,24 @@ def test_report_measurements(world: World) -> None:
           f"s/edit {[round(s, 1) for s in world.result.seconds_per_edit]}, threshold {world.result.threshold:.2f}")
     for b, a in zip(world.before, world.after):
         print(f"  {a.prompt!r}: bare {b.text!r} -> memory {a.text!r} (routed={a.routed})")
+
+
+# -- (g) per-commit evaluation records: `eval --ref` ------------------------------------------------------
+
+
+def test_cli_eval_ref_records_on_the_commit(world: World, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(world.path, store)
+    run = wisemem("eval", "--ref", "HEAD", "--json", "--store", store)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    schema("eval-ref.schema.json").validate(data)
+    assert data["commit_id"] == world.result.commit_id and data["recorded"]
+    metrics = data["metrics"]
+    assert metrics["n_edits"] == 4 and metrics["reliability"] >= 0.75 and metrics["locality"] >= 0.9
+    assert metrics["locality_prompts"] == "background"  # the example edits record no locality prompt
+    log = json.loads(wisemem("log", "--json", "--store", store).stdout)
+    assert [(e["source"], e["metrics"]) for e in log[0]["evaluations"]] == [("eval --ref", metrics)]
+    for argv in (["eval"], ["eval", EXAMPLES, "--ref", "HEAD"]):  # neither, or both: a usage error
+        bad = wisemem(*argv, "--store", store)
+        assert bad.returncode == 2 and bad.stdout == "" and "--ref" in bad.stderr
