@@ -37,20 +37,27 @@ def unpack_masks(packed: np.ndarray, n_bits: int) -> torch.Tensor:
 class MaskIndex:
     """Masks of stored edits (row i = edit i), searchable by overlap with a query mask."""
 
-    def __init__(self, n_bits: int, kind: str = "flat", candidates: int = 4) -> None:
+    # HNSW settings from benchmarks/probe_hnsw.py: recall 0.996 against the exhaustive scan at
+    # 10,000 stored masks (M 16, efSearch 64, 4 candidates gave 0.917).
+    def __init__(self, n_bits: int, kind: str = "flat", candidates: int | None = None, *, hnsw_m: int = 32,
+                 ef_construction: int = 200, ef_search: int = 256) -> None:
         if n_bits % 8:
             raise ValueError(f"mask length must be a multiple of 8 bits, got {n_bits}")
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind '{kind}'; known: {', '.join(INDEX_KINDS)}")
-        self.n_bits, self.kind, self.candidates = n_bits, kind, candidates
+        # candidates re-scored exactly: a flat index is exact already (they only break ties)
+        self.n_bits, self.kind = n_bits, kind
+        self.candidates = candidates if candidates is not None else (32 if kind == "hnsw" else 4)
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.packed = np.zeros((0, n_bits // 8), dtype=np.uint8)
         self._faiss = self._new_faiss()
         self._dense: torch.Tensor | None = None  # (N, d) float masks for the exhaustive scan, made on first use
 
     def _new_faiss(self):
         if self.kind == "hnsw":
-            index = faiss.IndexBinaryHNSW(self.n_bits, 16)
-            index.hnsw.efSearch = 64
+            index = faiss.IndexBinaryHNSW(self.n_bits, self.hnsw_m)
+            index.hnsw.efConstruction = self.ef_construction
+            index.hnsw.efSearch = self.ef_search
             return index
         return faiss.IndexBinaryFlat(self.n_bits)
 
