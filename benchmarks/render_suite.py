@@ -31,6 +31,12 @@ def load(results: Path) -> list[dict]:
                                                    METHOD_ORDER.index(r["spec"]["method"])))
 
 
+def label(spec: dict) -> str:
+    """The method, with any hyperparameter the run overrode."""
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(spec.get("overrides", {}).items()))
+    return f"{spec['method']} ({extra})" if extra else spec["method"]
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -48,10 +54,11 @@ def table(runs: list[dict]) -> str:
             metric = f"PPL {fmt(x['perplexity'], 1)} (bare {fmt(x.get('perplexity_before'), 1)})"
         elif x.get("ood_generalization") is not None:
             metric = f"OOD gen {fmt(x['ood_generalization'])} (bare {fmt(x.get('ood_generalization_before'))})"
-        cmd = f"`wisemem bench {r['suite']} --method {s['method']} --dataset {s['dataset']}`"
+        sets = "".join(f" --set {k}={v}" for k, v in sorted(s.get("overrides", {}).items()))
+        cmd = f"`wisemem bench {r['suite']} --method {s['method']} --dataset {s['dataset']}{sets}`"
         if "imported_from" in r:
             cmd += f" (imported: `{r['imported_from'].split(' ')[0]}`)"
-        lines.append(f"| {s['dataset']} | {s['T']} × {s['chunks']} | {s['method']} | {fmt(x['reliability'])} | "
+        lines.append(f"| {s['dataset']} | {s['T']} × {s['chunks']} | {label(s)} | {fmt(x['reliability'])} | "
                      f"{fmt(x.get('generalization'))} | {fmt(x['locality'])} | {metric} | "
                      f"{fmt(x.get('generation_exact_match'), 2)} / {fmt(x.get('rephrase_exact_match'), 2)} | "
                      f"{fmt(x.get('generation_token_f1'), 2)} / {fmt(x.get('rephrase_token_f1'), 2)} | "
@@ -71,9 +78,9 @@ def plot_quality(runs: list[dict], out: Path) -> None:
                               ("Reliability", "Generalization", "Locality", "median seconds per edit")):
         by_method = defaultdict(list)
         for r in zsre:
-            by_method[r["spec"]["method"]].append((r["spec"]["T"], r["result"].get(key)))
-        for method in METHOD_ORDER:
-            points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None)
+            by_method[label(r["spec"])].append((r["spec"]["T"], r["result"].get(key)))
+        for method in sorted(by_method, key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]), m)):
+            points = sorted((t, v) for t, v in by_method[method] if v is not None)
             if points:
                 ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=method)
         ax.set_xscale("log")
