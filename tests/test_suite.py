@@ -14,10 +14,10 @@ import pytest
 
 from memstore.errors import ConfigError
 from memstore.evaluate.suite import DATASETS, RunSpec, run_suite, suite_runs
+from test_evaluate import _without_timings as without_timings
 from test_robustness import run, save_tiny_llama
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TIMING_KEYS = {"seconds", "started_at", "wall_seconds", "eval_seconds", "seconds_per_edit"}
 
 
 def test_suite_listing_and_filters() -> None:
@@ -29,14 +29,6 @@ def test_suite_listing_and_filters() -> None:
         suite_runs("nope")
     with pytest.raises(ConfigError, match="unknown method"):
         suite_runs("t10", methods=["rome"])
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
