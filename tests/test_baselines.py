@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import TINY_MODEL_TYPES
 from test_methods import EDITS, IRRELEVANT, CharTokenizer
+from test_memoir import ids_of
+from test_memoir import make_editor as memoir_editor
 
 from memstore.edits import Edit
 from memstore.evaluate.metrics import teacher_forced
@@ -42,18 +44,12 @@ def grace_editor(model, **overrides) -> GraceEditor:
     return GraceEditor(model, CharTokenizer(), find_edit_site(model, 2), config, IRRELEVANT)
 
 
-def ids_of(*texts: str) -> torch.Tensor:
-    rows = [CharTokenizer()(t).input_ids for t in texts]
-    assert len({len(r) for r in rows}) == 1, "test prompts of one batch must have equal lengths"
-    return torch.tensor(rows)
-
-
 def scored(model, edits, handle=None):
     return teacher_forced(model, CharTokenizer(), [e.prompt for e in edits], [e.target_new for e in edits], handle)
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
-@pytest.mark.parametrize("make", [ftl_editor, grace_editor], ids=["ft-l", "grace"])
+@pytest.mark.parametrize("make", [ftl_editor, grace_editor, memoir_editor], ids=["ft-l", "grace", "memoir"])
 def test_zero_edits_is_bit_identical(tiny_model, model_type, make):
     model = tiny_model(model_type)
     editor = make(model)

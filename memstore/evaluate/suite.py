@@ -118,8 +118,9 @@ def run_suite(name: str, out_dir: str | os.PathLike, *, data_dir: str | os.PathL
     commit = git_commit()
     for spec in runs:
         path = folder / f"{spec.id}.json"
-        if not force and path.exists() and json.loads(path.read_text()).get("spec") == spec.to_dict():
-            yield SuiteRun(spec, path, "skipped", result=json.loads(path.read_text())["result"])
+        recorded = json.loads(path.read_text()) if path.exists() and not force else {}
+        if recorded.get("spec") == spec.to_dict():
+            yield SuiteRun(spec, path, "skipped", result=recorded["result"])
             continue
         records, irrelevant = DATASETS[spec.dataset]
         start = time.perf_counter()
