@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -35,9 +36,13 @@ def emit_json(obj: Any) -> None:
 
 @contextmanager
 def progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on stderr when it is a terminal; yields update(done, total)."""
-    if not enabled or not err.is_terminal:  # rich would leave a blank line in a log or pipe
+    """A progress bar on stderr when it is a terminal, else a plain line at most once a minute
+    (long benchmark runs are usually logged to a file); yields update(done, total)."""
+    if not enabled:
         yield lambda done, total: None
+        return
+    if not err.is_terminal:  # rich would leave a blank line in a log or pipe
+        yield _log_lines(description)
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), console=err, transient=True)
@@ -48,6 +53,30 @@ def progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, 
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _log_lines(description: str, every: float = 60.0) -> Callable[[int, int], None]:
+    start = last = time.monotonic()
+
+    def update(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < every if done < total else now - start < every:  # a short run stays silent
+            return
+        last = now
+        left = (now - start) / done * (total - done) if done else float("nan")
+        sys.stderr.write(f"{description}: {done}/{total} ({done / max(total, 1):.0%}), "
+                         f"{_clock(now - start)} elapsed, ~{_clock(left)} left\n")
+        sys.stderr.flush()
+
+    return update
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing done yet
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def metrics_line(metrics: dict[str, Any]) -> str:

@@ -224,3 +224,18 @@ def test_model_mismatch(store: Path, tmp_path: Path) -> None:
     line = assert_one_line_error(wisemem("generate", "The capital of Germany is", "-n", "2", "--store", other), 6)
     assert "embedded:SmolLM2-135M-Instruct" in line and "different weights" in line
     assert snapshot(other) == before
+
+
+def test_progress_without_a_terminal_logs_plain_lines(capsys):
+    """A long run logged to a file still reports progress: one plain line per interval, none for a short run."""
+    from cli.render import _log_lines
+
+    update = _log_lines("editing", every=0.0)
+    update(1, 4)
+    update(4, 4)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("editing: 1/4 (25%)") and lines[1].startswith("editing: 4/4 (100%)")
+    quiet = _log_lines("editing", every=3600.0)
+    quiet(1, 2)
+    quiet(2, 2)
+    assert capsys.readouterr().err == ""
