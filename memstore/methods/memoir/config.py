@@ -21,6 +21,7 @@ class MemoirConfig(ContextConfig):
     max_steps: int = hyperparameter(30, "optimisation steps per edit at most")
     grad_clip: float = hyperparameter(5.0, "gradient-norm clip per step")
     stop_loss: float = hyperparameter(0.05, "early stop once the edit loss is below this")
+    edit_batch_size: int = hyperparameter(1, "edits trained together, each through its own mask (1: one at a time, as published)")
     protect: int = hyperparameter(4, "earlier edits sharing the most columns with a new edit, kept right while it trains (0: off)")
     background_size: int = hyperparameter(100, "irrelevant prompts whose mean feature is the background subtracted before top-k")
     center: bool = hyperparameter(False, "the memory reads the input minus the background mean (off: the paper's m * a)")
@@ -35,6 +36,8 @@ class MemoirConfig(ContextConfig):
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.max_steps < 1 or self.lr <= 0:
             raise ConfigError("max_steps must be >= 1 and lr > 0")
+        if self.edit_batch_size < 1:
+            raise ConfigError(f"edit_batch_size must be >= 1, got {self.edit_batch_size}")
         if self.index not in ("flat", "hnsw"):
             raise ConfigError(f"index must be flat or hnsw, got '{self.index}'")
 

@@ -7,7 +7,10 @@ in 11 contexts (SGD, lr 1.0, grad-norm clip 1.0, up to 30 steps, early stop). No
 the router keeps the memory off unrelated prompts. The permutation, the background mean and every
 edit's mask are state: without them the memory cannot be served. Speed as WISE: only the stack
 above the edited layer runs per step (upper.py), the contexts form one batch, the LM head runs
-on target positions only. Run: `wisemem eval DATA -T 100 --method memoir`.
+on target positions only. `edit_batch_size` > 1 trains that many consecutive edits in one
+optimisation, each row through its own edit's mask (one batch of B small rows costs about what
+one row does on a CPU): our addition for T in the thousands, off by default.
+Run: `wisemem eval DATA -T 100 --method memoir`.
 """
 
 from __future__ import annotations
@@ -77,65 +80,79 @@ class MemoirEditor(SequentialEditor):
         feats = mean_features(self.model, self.tokenizer, self.site, prompts, self.config.chat_template)
         return tophash(feats - self.state.background, self.k, self.state.permutation)
 
-    def _edit_batch(self, edit: Edit, protected: Sequence[Edit] = ()):
-        """Rows: the edit in 11 contexts, then each protected earlier edit once."""
+    def _edit_batch(self, edits: Sequence[Edit], protected: Sequence[Edit] = ()):
+        """Rows: each edit in the 11 contexts (edit after edit), then each protected earlier edit once."""
         cfg, tok = self.config, self.tokenizer
-        tgt = target_ids(tok, edit.target_new, cfg.chat_template)
         seqs, plens = [], []
-        for prefix in [""] + self.prefixes:
-            p = prompt_ids(tok, f"{prefix} {edit.prompt}" if prefix else edit.prompt, cfg.chat_template)
-            seqs.append(p + tgt)
-            plens.append(len(p))
+        for edit in edits:
+            tgt = target_ids(tok, edit.target_new, cfg.chat_template)
+            for prefix in [""] + self.prefixes:
+                p = prompt_ids(tok, f"{prefix} {edit.prompt}" if prefix else edit.prompt, cfg.chat_template)
+                seqs.append(p + tgt)
+                plens.append(len(p))
         for old in protected:
             p = prompt_ids(tok, old.prompt, cfg.chat_template)
             seqs.append(p + target_ids(tok, old.target_new, cfg.chat_template))
             plens.append(len(p))
         return pad_batch(seqs, plens, pad_id(tok), self.device)
 
-    def _most_overlapping(self, mask: torch.Tensor) -> list[int]:
-        """Earlier edits whose masks share the most columns with `mask` (the ones this edit can undo)."""
+    def _most_overlapping(self, masks: torch.Tensor) -> list[int]:
+        """Earlier edits whose masks share the most columns with any of `masks` (the ones these edits can undo)."""
         n = min(self.config.protect, len(self.edits))
         if n == 0:
             return []
-        shared = (self.state.masks[:len(self.edits)].float() @ mask.cpu().float())  # (N,)
-        return [i for i in shared.topk(n).indices.tolist() if shared[i] > 0]
+        shared = masks.cpu().float() @ self.state.masks[:len(self.edits)].float().t()  # (B, N)
+        picked: list[int] = []
+        for row in shared:
+            picked += [i for i in row.topk(n).indices.tolist() if row[i] > 0 and i not in picked]
+        return picked
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.edit_batch_size
 
     def train_edit(self, layer: MemoirLayer, edit: Edit) -> EditStats:
+        return self.train_edits(layer, [edit])[0]
+
+    def train_edits(self, layer: MemoirLayer, edits: Sequence[Edit]) -> list[EditStats]:
+        """Train `edits` together (one edit: the published sequential step), each through its own mask."""
         cfg, start = self.config, time.perf_counter()
-        mask = self.edit_masks([edit.prompt])[0]
-        cols = mask.nonzero().squeeze(1).to(self.device)  # (k,)
+        masks = self.edit_masks([e.prompt for e in edits])  # (B, d_in)
+        cols = masks.any(0).nonzero().squeeze(1).to(self.device)  # the union of the edits' columns
         memory = self.state.memory.to(self.device)
-        protected = self._most_overlapping(mask)
+        protected = self._most_overlapping(masks)
         param = layer.start_training(cols, memory[:, cols])
-        if protected:  # each protected row reads through its own mask; its other columns stay fixed
-            row_masks = torch.cat([mask[None].expand(1 + len(self.prefixes), -1), self.state.masks[protected]])
+        contexts = 1 + len(self.prefixes)
+        if protected or len(edits) > 1:  # each row reads through its own edit's mask; other columns stay fixed
+            row_masks = torch.cat([masks.repeat_interleave(contexts, 0), self.state.masks[protected]])
             fixed = memory.clone()
             fixed[:, cols] = 0
             layer.protect(row_masks.to(self.device), fixed)
         opt = torch.optim.SGD([param], lr=cfg.lr)
-        batch = self._edit_batch(edit, [self.edits[i] for i in protected])
+        batch = self._edit_batch(edits, [self.edits[i] for i in protected])
         rows, pos, labels, _ = (t.to(self.device) for t in batch.target_positions())
-        is_edit = rows < 1 + len(self.prefixes)
+        owner = torch.where(rows < len(edits) * contexts, rows // contexts, -1)  # edit of each target token, -1: protected
         layer.routing.positions = batch.attention_mask.bool()
         captured = self.upper.capture(batch.input_ids, batch.attention_mask)
-        loss_v, step = float("inf"), 0
+        losses, step = [float("inf")] * len(edits), 0
         for step in range(1, cfg.max_steps + 1):
             opt.zero_grad(set_to_none=True)
             logits = self.upper.logits_at(captured, rows, pos)  # (P, V)
             token_ce = F.cross_entropy(logits, labels, reduction="none")
-            loss = token_ce[is_edit].mean()
-            held = token_ce[~is_edit].mean() if protected else token_ce.new_zeros(())
-            loss_v = float(loss.detach())
-            if max(loss_v, float(held.detach())) <= cfg.stop_loss:
+            per_edit = torch.stack([token_ce[owner == j].mean() for j in range(len(edits))])
+            held = token_ce[owner < 0].mean() if protected else token_ce.new_zeros(())
+            losses = per_edit.detach().tolist()
+            if max(*losses, float(held.detach())) <= cfg.stop_loss:
                 break
-            (loss + held).backward()
+            (per_edit.mean() + held).backward()
             torch.nn.utils.clip_grad_norm_([param], cfg.grad_clip)
             opt.step()
         memory[:, cols] = layer.stop_training()
         self.state.memory = memory
-        self.state.masks = torch.cat([self.state.masks, mask[None].cpu()])
-        self.edits.append(edit)
-        return EditStats(step, loss_v, loss_v, time.perf_counter() - start)
+        self.state.masks = torch.cat([self.state.masks, masks.cpu()])
+        self.edits.extend(edits)
+        seconds = (time.perf_counter() - start) / len(edits)
+        return [EditStats(step, loss, loss, seconds) for loss in losses]
 
     def training_layer(self) -> MemoirLayer:
         return self.layer(with_memory=False)
