@@ -56,8 +56,9 @@ def init(
     layer: Optional[int] = typer.Option(None, "--layer", help="index of the edited layer (default: 60% of depth for "
                                         "wise, 83% for memoir)"),
     module: Optional[str] = typer.Option(None, "--module", help="edited module path with {L}, for unknown architectures"),
-    method: str = typer.Option("wise", "--method", help="wise (side memory + shards) or memoir (residual memory + "
-                               "TopHash masks); fixed for the store's life"),
+    method: str = typer.Option("wise", "--method", help="wise (WISE-Merge: one side memory merged from shards), "
+                               "wise-retrieve (one side memory per shard group, top-1 routing through a FAISS key "
+                               "index) or memoir (residual memory + TopHash masks); fixed for the store's life"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps ..."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16"),
     chat_template: bool = typer.Option(False, "--chat-template", help="edit through the tokenizer's chat template"),
@@ -164,7 +165,8 @@ def log(
         merge = f"Merge:  {' '.join(p[:12] for p in c.parents)}\n" if len(c.parents) > 1 else ""
         change = f"+{c.n_edits}" + (f" -{c.n_removed}" if c.n_removed else "")
         render.out.print(f"[yellow]commit {c.id}[/yellow]")
-        render.out.print(f"{merge}Author: {c.author}\nDate:   {c.created_at}\nEdits:  {change} ({c.method})", markup=False)
+        render.out.print(f"{merge}Author: {c.author}\nDate:   {c.created_at}\nEdits:  {change} ({c.method}, "
+                         f"{c.memories} memor{'y' if c.memories == 1 else 'ies'})", markup=False)
         for ev in c.evaluations:
             render.out.print("Eval:   " + render.metrics_line(ev["metrics"]) + f" ({ev['source']})", markup=False)
         render.out.print(f"\n    {c.message}\n", markup=False)

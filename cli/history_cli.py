@@ -34,9 +34,12 @@ def show(ref: str = typer.Argument("HEAD"), store: Optional[str] = StoreOpt, jso
     for eid in r.removed:
         render.out.print(f"- [{eid}]", markup=False)
     threshold = f"{r.threshold:.3f}" if r.threshold is not None else "none"
-    render.out.print(f"\nmemory: {r.live_edits} live edit(s), router threshold {threshold}")
+    render.out.print(f"\n{c.method} store: {c.memories} memor{'y' if c.memories == 1 else 'ies'}, {r.live_edits} live "
+                     f"edit(s), router threshold {threshold}" + (" (the loosest memory's)" if c.memories > 1 else ""))
     for s in r.shards:
-        render.out.print(f"  {s.object_id[:12]} {s.kind:<11} {s.n_edits:>5} edit(s) {s.bytes:>10,} bytes", markup=False)
+        own = f" threshold {s.threshold:.3f}" if c.method == "wise-retrieve" and s.threshold is not None else ""
+        render.out.print(f"  {s.object_id[:12]} {s.kind:<11} {s.n_edits:>5} edit(s) {s.bytes:>10,} bytes{own}",
+                         markup=False)
     for ev in c.evaluations:
         render.out.print(f"eval ({ev['source']}): " + render.metrics_line(ev["metrics"]), markup=False)
 
@@ -91,8 +94,9 @@ def diff(
 
 @app.command()
 def merge(
-    a: str = typer.Argument(..., help="the current branch tip (HEAD or its name)"),
-    b: str = typer.Argument(..., help="the ref whose memory is merged in"),
+    a: str = typer.Argument(..., help="the current branch tip (HEAD or its name); in a wise-retrieve store, or a "
+                            "memory of HEAD (shard id from `wisemem show`)"),
+    b: str = typer.Argument(..., help="the ref whose memory is merged in; or the second memory"),
     method: str = typer.Option("ties", "--method", help="ties, dare_ties, task_arithmetic, linear"),
     density: Optional[float] = typer.Option(None, "--density", help="fraction of each shard's entries kept"),
     weight: list[float] = typer.Option([], "--weight", help="weight of A's shards, then of B's (give twice)"),
@@ -101,7 +105,8 @@ def merge(
     store: Optional[str] = StoreOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Merge B's knowledge shards into A's memory (one merged shard; a commit with two parents)."""
+    """Merge B's knowledge shards into A's memory (one merged shard; a commit with two parents), or,
+    in a wise-retrieve store, two memories of HEAD into one."""
     with render.err.status("merging"):
         r = history.merge(_store(store), a, b, method=method, density=density, weights=weight, message=message,
                           lock_timeout=lock_timeout)
@@ -222,13 +227,15 @@ def gc(
     render.out.print(f"{verb} {len(r.removed)} object(s) and {len(r.temp_files)} temp file(s), {r.bytes_freed:,} bytes")
 
 
-index_app = typer.Typer(help="The router index (derived data, rebuilt from the stored masks).", no_args_is_help=True)
+index_app = typer.Typer(help="The router index (derived data, rebuilt from the stored masks or routing keys).",
+                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 
 @index_app.command("rebuild")
 def index_rebuild(lock_timeout: float = LockOpt, store: Optional[str] = StoreOpt, json_out: bool = JsonOpt) -> None:
-    """Rewrite the FAISS router index of every MEMOIR memory in the history from its masks."""
+    """Rewrite the FAISS router index: every MEMOIR memory's from its masks; a wise-retrieve store's
+    (HEAD's memories) from the shards' routing keys."""
     written = maintenance.rebuild_index(_store(store), lock_timeout=lock_timeout)
     if json_out:
         return render.emit_json({"rebuilt": written})

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from . import memoir_memory
-from .errors import ConfigError, NothingToCommit, UnknownEdit
+from . import memoir_memory, retrieve_memory
+from .errors import AmbiguousRef, ConfigError, NothingToCommit, UnknownEdit
 from .memory import (
     MemoryState,
     commit_state,
@@ -26,6 +26,7 @@ from .memory import (
     put_merged,
     rebuild_without,
     shard_meta,
+    shard_routing,
     shard_rows,
     state_edit_keys,
     unpack,
@@ -33,7 +34,7 @@ from .memory import (
 )
 from .merge import get_merge_method, merge_with_spec
 from .methods.memoir import MemoirEditor, MemoirState
-from .methods.wise import WiseEditor
+from .methods.wise import WiseEditor, WiseRetrieveEditor
 from .methods.wise.method import Shard
 from .porcelain import (
     CommitInfo,
@@ -41,6 +42,7 @@ from .porcelain import (
     background_prompts,
     commit_info,
     mounted_commit,
+    routing_of,
     session_scope,
     state_metrics,
     store_path,
@@ -62,6 +64,7 @@ class ShardInfo:
     seed: int | None
     n_edits: int
     bytes: int
+    threshold: float | None  # its own router threshold (a wise-retrieve store serves each shard as a memory)
 
 
 @dataclass
@@ -79,7 +82,7 @@ def _shard_infos(store: Store, state: MemoryState) -> list[ShardInfo]:
     for oid in state.shards:
         meta = shard_meta(store, oid)
         size = store.objects.size(oid) if oid in store.objects else 0
-        out.append(ShardInfo(oid, meta["kind"], meta.get("seed"), len(meta["edits"]), size))
+        out.append(ShardInfo(oid, meta["kind"], meta.get("seed"), len(meta["edits"]), size, shard_routing(store, oid)[0]))
     return out
 
 
@@ -263,16 +266,33 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
           lock_timeout: float = 30.0, session: Session | None = None) -> HistoryCommit:
     """Merge B's memory into A (the current HEAD): the shards the two do not share are merged
     into one shard with `method` (mergekit names: density, weight per side), deterministically;
-    the spec is saved in the merged shard's header. Records a commit with parents (A, B)."""
+    the spec is saved in the merged shard's header. Records a commit with parents (A, B).
+    In a wise-retrieve store A and B may instead name two memories of HEAD (shard object ids or
+    unique prefixes of 4+ characters, as `wisemem show` lists them): those two become one memory,
+    in a commit on top of HEAD."""
     merger = get_merge_method(method)  # unknown method: a usage error before anything else
 
     def run(session: Session) -> HistoryCommit:
         store = session.store
-        if session.method != "wise":
+        if session.method == "memoir":
             raise ConfigError(f"merge combines WISE knowledge shards; this store holds {session.method} memories "
                               "(commit the other branch's edits instead)")
+        if len(weights) not in (0, 2):
+            raise ConfigError("--weight takes two values: the weight of A's shards, then of B's")
+        w_a, w_b = weights if weights else (1.0, 1.0)
         with store.lock(lock_timeout):
-            head, ca, cb = store.head(), store.resolve(a), store.resolve(b)
+            head = store.head()
+            if session.method == retrieve_memory.METHOD:
+                state = commit_state(store, head)
+                named = [_memory_named(state, spec) for spec in (a, b)]
+                if any(named):
+                    if not all(named) or named[0] == named[1]:
+                        raise ConfigError(f"'{a}' and '{b}' must name two different memories of HEAD (shard ids "
+                                          "from `wisemem show`), or two commits")
+                    spec = {"method": method, "params": {"seed": session.config.seed},
+                            "shard_params": [_shard_params(merger, w_a, density), _shard_params(merger, w_b, density)]}
+                    return _merge_memories(session, head, state, named, spec, message)
+            ca, cb = store.resolve(a), store.resolve(b)
             if head != ca:
                 raise ConfigError(f"merge records onto the current branch, whose tip is not {a}; "
                                   f"`wisemem checkout {a}` first")
@@ -281,9 +301,6 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             only_b = [o for o in sb.shards if o not in sa.shards]
             if not only_b or store.is_ancestor(cb, ca):
                 raise NothingToCommit(f"{b} is already merged into {a}")
-            if len(weights) not in (0, 2):
-                raise ConfigError("--weight takes two values: the weight of A's shards, then of B's")
-            w_a, w_b = weights if weights else (1.0, 1.0)
             shard_params = [_shard_params(merger, w_a, density) for _ in only_a]
             shard_params += [_shard_params(merger, w_b, density) for _ in only_b]
             spec = {"method": method, "params": {"seed": session.config.seed}, "shard_params": shard_params}
@@ -294,16 +311,47 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             row = with_routing(session, row, merged, edits_for(store, keys))
             common = [o for o in sa.shards if o in sb.shards]
             state = MemoryState(common + [row["object_id"]])
-            state.threshold = threshold_for(session, state)
             rows = shard_rows(store, common) + [row]
+            state.threshold = threshold_for(session, state, rows)
             # The merge spec is the commit's configuration (and travels in the merged shard's header).
             config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
-            cid = store.create_commit(ca, message or f"merge {b} into {a}", None, "wise", config,
+            cid = store.create_commit(ca, message or f"merge {b} into {a}", None, session.method, config,
                                       state.to_json(), [], [], merge_parent=cb, shards=rows)
+            retrieve_memory.write_head_index(store)
             return HistoryCommit(cid, ca, cb, [], len(state_edit_keys(store, state)), len(state.shards),
                                  state.threshold, row["object_id"], spec)
 
     return _with_session(path, session, run)
+
+
+def _memory_named(state: MemoryState, spec: str) -> str | None:
+    """The top-level shard of `state` that `spec` names by id or unique hex prefix (4+), if any."""
+    if len(spec) < 4 or not all(ch in "0123456789abcdef" for ch in spec.lower()):
+        return None
+    found = [o for o in state.shards if o.startswith(spec.lower())]
+    if len(found) > 1:
+        raise AmbiguousRef(spec, found)
+    return found[0] if found else None
+
+
+def _merge_memories(session: Session, head: str, state: MemoryState, pair: Sequence[str], spec: dict[str, Any],
+                    message: str | None) -> HistoryCommit:
+    """Merge two memories of a wise-retrieve store into one (in the first one's place)."""
+    store = session.store
+    keys = _merged_keys(store, pair)
+    merged = merge_with_spec([load_tau(store, o) for o in pair], spec)
+    row = with_routing(session, put_merged(store, merged, pair, spec, keys, session.site.layer), merged,
+                       edits_for(store, keys))
+    shards = [row["object_id"] if o == pair[0] else o for o in state.shards if o != pair[1]]
+    rows = [row if o == row["object_id"] else shard_rows(store, [o])[0] for o in shards]
+    new = MemoryState(shards)
+    new.threshold = threshold_for(session, new, rows)
+    config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
+    cid = store.create_commit(head, message or f"merge memories {pair[0][:12]} and {pair[1][:12]}", None,
+                              session.method, config, new.to_json(), [], [], shards=rows)
+    retrieve_memory.write_head_index(store)
+    return HistoryCommit(cid, head, None, [], len(state_edit_keys(store, new)), len(shards), new.threshold,
+                         row["object_id"], spec)
 
 
 def _shard_params(merger, weight: float, density: float | None) -> dict[str, Any]:
@@ -334,7 +382,9 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
            message: str | None = None, lock_timeout: float = 30.0, session: Session | None = None) -> HistoryCommit:
     """A new commit whose memory no longer holds the edits of commit `ref` (or the one edit
     `edit_id`): shards that held them are rebuilt without them (from their stored version just
-    before the first removed edit when there is one); other shards are untouched."""
+    before the first removed edit when there is one); other shards are untouched. In a
+    wise-retrieve store an automatic group that held them comes apart into its rebuilt shards,
+    which group again as new edits would (retrieve_memory.py)."""
     if (ref is None) == (edit_id is None):
         raise ConfigError("revert takes a commit (REF) or --edit EDIT_ID, not both")
 
@@ -356,24 +406,24 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
                 if not remove:
                     raise NothingToCommit(f"commit {c['id'][:12]} has no edits live at HEAD to revert")
                 what = f'"{c["message"]}"'
+            sources: list[dict[str, Any]] = []
             if session.method == "memoir":
                 rows = [r for r in (memoir_memory.rebuild_without(store, oid, set(remove), _memoir_trainer(session),
                                                                   lambda keys: edits_for(store, keys),
                                                                   session.config.threshold)
                                     for oid in state.shards) if r is not None]
             else:
-                train = _shard_trainer(session)
-                rows = [r for r in (rebuild_without(store, oid, set(remove), train) for oid in state.shards)
-                        if r is not None]
-                rows = [r if r["signature"] else with_routing(session, r, load_tau(store, r["object_id"]),
-                                                                edits_for(store, json.loads(r["meta_json"])["edits"]))
-                        for r in rows]
+                rows = _rebuild_wise(session, state, set(remove))
+                if session.method == retrieve_memory.METHOD:
+                    rows, sources = retrieve_memory.group_rows(store, rows, session.config, session.site.layer,
+                                                               routing_of(session))
             new = MemoryState([r["object_id"] for r in rows])
-            new.threshold = threshold_for(session, new)
+            new.threshold = threshold_for(session, new, rows)
             records = store.edit_records(remove)
             cid = store.create_commit(head, message or f"Revert {what}", None, session.method, session.config.to_json(),
                                       new.to_json(), [], [], removed=[(k.split(":", 1)[0], records[k]) for k in remove],
-                                      shards=rows)
+                                      shards=rows, sources=sources)
+            retrieve_memory.write_head_index(store)
             return HistoryCommit(cid, head, None, [k.split(":", 1)[0] for k in remove],
                                  len(state_edit_keys(store, new)), len(new.shards), new.threshold)
 
@@ -391,10 +441,36 @@ def _memoir_trainer(session: Session):
     return train
 
 
-def _shard_trainer(session: Session):
+def _rebuild_wise(session: Session, state: MemoryState, removed: set[str]) -> list[dict[str, Any]]:
+    """Rows of the state's WISE shards without the `removed` edit keys, with their routing columns.
+    In a wise-retrieve store a shard is retrained with the other memories' edits as its replay
+    negatives, and an automatic group holding removed edits is replaced by its rebuilt sources."""
+    store = session.store
+    retrieve = session.method == retrieve_memory.METHOD
+    live = [k for k in state_edit_keys(store, state) if k not in removed]
+    prompts = {k: e.prompt for k, e in zip(live, edits_for(store, live))} if retrieve else {}
+    rows = []
+    for oid in state.shards:
+        meta = shard_meta(store, oid)
+        outside = None
+        if retrieve and removed & set(meta["edits"]):
+            outside = [prompts[k] for o in state.shards if o != oid for k in shard_meta(store, o)["edits"] if k in prompts]
+        train = _shard_trainer(session, outside)
+        parts = meta["sources"] if outside is not None and retrieve_memory.is_auto_group(meta) else [oid]
+        rows += [r for r in (rebuild_without(store, part, removed, train) for part in parts) if r is not None]
+    return [r if r["signature"] else with_routing(session, r, load_tau(store, r["object_id"]),
+                                                  edits_for(store, json.loads(r["meta_json"])["edits"]))
+            for r in rows]
+
+
+def _shard_trainer(session: Session, outside: Sequence[str] | None = None):
+    """Retrains a shard; `outside`: a wise-retrieve store's other memories' edit prompts (replay negatives)."""
     def train(start: torch.Tensor, seed: int, earlier, new) -> torch.Tensor:
-        editor = WiseEditor(session.model, session.tokenizer, session.site, session.config, background_prompts(),
-                            session.prefixes, basis=session.basis)
+        kind = WiseEditor if outside is None else WiseRetrieveEditor
+        editor = kind(session.model, session.tokenizer, session.site, session.config, background_prompts(),
+                      session.prefixes, basis=session.basis)
+        if outside is not None:
+            editor.outside_prompts = outside
         shard = Shard(seed, start.clone(), list(earlier))
         editor.train_shard(shard, new)
         return shard.tau.cpu()
@@ -421,6 +497,7 @@ def checkout(path: str | os.PathLike | None = None, ref: str = "main", *, lock_t
         cid = store.resolve(ref)
         verify_state(store, commit_state(store, cid))
         store.set_head(branch or cid)
+        retrieve_memory.write_head_index(store)
         return RefMove(ref if branch else "HEAD", old, cid)
 
 
@@ -439,6 +516,7 @@ def reset(path: str | os.PathLike | None = None, ref: str = "HEAD", *, dry_run: 
         name = store.head_branch() or "HEAD"
         if not dry_run:
             store.set_ref(name, new, old)
+            retrieve_memory.write_head_index(store)
         return RefMove(name[len(BRANCH_PREFIX):] if name.startswith(BRANCH_PREFIX) else name, old, new, discarded)
 
 

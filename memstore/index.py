@@ -10,6 +10,12 @@ Kinds: "flat" (exact scan, FAISS IndexBinaryFlat), "hnsw" (graph search, sub-lin
 A store keeps one index file per MEMOIR memory object (`index/<object id>.faiss`): derived data,
 written at commit, checked against the object's masks when read and by `fsck`, and rebuilt by
 `wisemem index rebuild`.
+
+WISE-Retrieve routes a query to one of K side memories by its activation scores; `KeyIndex`
+pre-selects which memories to score: it holds one routing key per stored edit (the edited layer's
+input on the edit's prompt, mean over the prompt), tagged with the memory holding the edit, and
+returns the memories of a query key's nearest stored keys (cosine: inner product of L2-normalised
+keys, FAISS IndexFlatIP under an IndexIDMap whose ids encode memory and position).
 """
 
 from __future__ import annotations
@@ -139,3 +145,75 @@ def read_index(path: Path, masks: torch.Tensor, kind: str = "flat") -> MaskIndex
             return None
     index._faiss = stored
     return index
+
+
+# ---- WISE-Retrieve routing keys: float keys tagged with their memory -----------------------------
+
+def key_ids(counts: list[int]) -> np.ndarray:
+    """FAISS ids of the keys of memories holding `counts` edits each: memory << 32 | position, so a
+    search answers with the memory directly and the id names one edit of one shard object."""
+    if not counts:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([(np.int64(m) << 32) + np.arange(n, dtype=np.int64) for m, n in enumerate(counts)])
+
+
+def _normalised(keys: torch.Tensor) -> np.ndarray:
+    out = np.ascontiguousarray(keys.detach().to("cpu", torch.float32).numpy()).copy()
+    faiss.normalize_L2(out)
+    return out
+
+
+class KeyIndex:
+    """Routing keys of stored edits, searchable by cosine similarity to a query key. `vectors` (N, d)
+    are the L2-normalised keys (what the index holds, compared with the store by `same_as`)."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray, built=None) -> None:
+        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+            raise ValueError(f"one id per key row expected: keys {vectors.shape}, {len(ids)} ids")
+        self.vectors, self.ids = vectors, np.asarray(ids, dtype=np.int64)
+        self.dim = int(vectors.shape[1])
+        if built is None:
+            built = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+            if len(self.ids):
+                built.add_with_ids(vectors, self.ids)
+        self._faiss = built
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, ids: np.ndarray) -> KeyIndex:
+        return cls(_normalised(keys), ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, queries: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, n) memories of each query's n nearest stored keys, nearest first (−1 past the end)."""
+        B = queries.shape[0]
+        if not len(self) or n <= 0:
+            return torch.full((B, max(n, 0)), -1, dtype=torch.long)
+        _, ids = self._faiss.search(_normalised(queries), n)  # (B, n)
+        return torch.from_numpy(np.where(ids < 0, -1, ids >> 32))
+
+    def same_as(self, other: KeyIndex) -> bool:
+        return self.dim == other.dim and np.array_equal(self.ids, other.ids) and np.array_equal(self.vectors, other.vectors)
+
+
+def write_key_index(index: KeyIndex, path: Path) -> None:
+    """Write atomically (temp file + rename), as `write_index`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    faiss.write_index(index._faiss, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_key_index(path: Path) -> KeyIndex | None:
+    """The key index stored at `path` (None when missing or unreadable); compare it with the store's
+    keys (`same_as`) before trusting it."""
+    if not path.exists():
+        return None
+    try:
+        stored = faiss.read_index(str(path))
+        flat = faiss.downcast_index(stored.index)
+        vectors, ids = flat.reconstruct_n(0, stored.ntotal), faiss.vector_to_array(stored.id_map)
+    except (RuntimeError, AttributeError):
+        return None
+    return KeyIndex(vectors.reshape(-1, stored.d), ids, stored)

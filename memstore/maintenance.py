@@ -2,8 +2,9 @@
 
 fsck re-derives everything that can be re-derived (DESIGN.md principles 1 and 8): every object
 re-hashes to its name, every commit id to its content, every ref names a commit, every shard a
-state needs (merge sources included) is present with its catalog row and its edit records.
-Objects no commit, staged state or binding refers to are *dangling* (left by an interrupted
+state needs (merge sources included) is present with its catalog row and its edit records, and
+the router index files (derived) match what they index: each MEMOIR memory's masks, a
+wise-retrieve store's HEAD routing keys. Objects no commit, staged state or binding refers to are *dangling* (left by an interrupted
 commit or `unstage`): reported, not errors; `gc` deletes them and temp files of interrupted writes.
 """
 
@@ -13,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import memoir_memory
+from . import memoir_memory, retrieve_memory
 from .errors import IntegrityError
 from .memory import MemoryState, key_of, shard_meta, shard_routing
 from .porcelain import binding_config, store_path
 from .edits import edit_from_record
+from .objects import OID_RE
 from .store import SYMREF_PREFIX, Store, commit_hash
 
 
@@ -114,6 +116,12 @@ def fsck(path: str | os.PathLike | None = None) -> FsckReport:
                     problems.append(problem)
             except IntegrityError:
                 pass  # the memory cannot be read: its missing or corrupt objects are reported above
+        if retrieve_memory.is_retrieve(store):
+            try:
+                if problem := retrieve_memory.head_index_problem(store):
+                    problems.append(problem)
+            except IntegrityError:
+                pass  # as above
         temp = [str(p) for p in store.objects.iter_temp()]
         return FsckReport(len(on_disk), len(commits), problems, sorted(on_disk - reachable), temp)
 
@@ -127,12 +135,16 @@ class GcResult:
 
 
 def rebuild_index(path: str | os.PathLike | None = None, *, lock_timeout: float = 30.0) -> list[str]:
-    """Rewrite the router index file of every MEMOIR memory the history refers to, from its masks."""
+    """Rewrite the router index files from the truth: for every MEMOIR memory the history refers to,
+    from its masks; in a wise-retrieve store, HEAD's key index from its shards' routing keys."""
     with Store.open(store_path(path)) as store, store.lock(lock_timeout):
         problems: list[str] = []
         reachable = reachable_objects(store, set(store.objects.iter_ids()), problems)
         if problems:
             raise IntegrityError(f"index rebuild refused: {problems[0]}; run `wisemem fsck`")
+        if retrieve_memory.is_retrieve(store):
+            written = retrieve_memory.write_head_index(store)
+            return [str(written)] if written else []
         kind = (binding_config(store).get("hyperparameters") or {}).get("index", "flat")
         memories = [o for o in sorted(reachable) if shard_meta(store, o).get("kind") == memoir_memory.MEMORY]
         return memoir_memory.rebuild_indexes(store, memories, kind)
@@ -157,7 +169,7 @@ def gc(path: str | os.PathLike | None = None, *, dry_run: bool = False, lock_tim
             for p in temp:
                 p.unlink(missing_ok=True)
             for p in (store.path / "index").glob("*.faiss"):  # derived files of deleted objects
-                if p.stem not in reachable:
+                if OID_RE.match(p.stem) and p.stem not in reachable:
                     p.unlink(missing_ok=True)
         return GcResult(dangling, [str(p) for p in temp], freed, dry_run)
 

@@ -135,6 +135,24 @@ def state_edit_keys(store: Store, state: MemoryState) -> list[str]:
     return list(seen)
 
 
+def memory_count(method: str, state: MemoryState) -> int:
+    """Side memories a state serves: one per top-level shard in a wise-retrieve store; otherwise the
+    one memory (the merge of the shards, or the MEMOIR memory) when there is any."""
+    return len(state.shards) if method == "wise-retrieve" else min(len(state.shards), 1)
+
+
+def spent_seeds(store: Store, state: MemoryState) -> set[int]:
+    """Mask seeds of the trained shards inside the state's merged shards (a new shard must not reuse them)."""
+    out: set[int] = set()
+    todo = [s for o in state.shards for s in shard_meta(store, o).get("sources", [])]
+    while todo:
+        meta = shard_meta(store, todo.pop())
+        if meta.get("seed") is not None:
+            out.add(int(meta["seed"]))
+        todo += meta.get("sources", [])
+    return out
+
+
 def edits_for(store: Store, keys: Sequence[str]) -> list[Edit]:
     records = store.edit_records(keys)
     missing = [k for k in keys if k not in records]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import retrieve_memory
 from .edits import Edit, edit_from_record, load_edits
 from .errors import ConcurrentUpdate, ConfigError, ModelMismatch, NothingToCommit, StoreExists
 from .faults import fault_point
@@ -24,16 +25,18 @@ from .memory import (
     edits_for,
     key_of,
     load_tau,
+    memory_count,
     put_trained,
     shard_meta,
     shard_rows,
+    spent_seeds,
     state_edit_keys,
     verify_state,
 )
 from .methods.base import MemoryLayer
 from .methods.memoir import MemoirEditor, MemoirState
 from .methods.upper import module_inputs
-from .methods.wise import WiseEditor, WiseLayer, merge_shards, shard_mask
+from .methods.wise import WiseEditor, WiseLayer, WiseRetrieveEditor, merge_shards, shard_mask
 from .methods.wise.method import Shard, router_threshold
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash, weight_matrix
 from .mount import mount_layer
@@ -41,6 +44,7 @@ from .prompting import format_prompt
 from .store import ObjectStore, Store
 
 DEFAULT_STORE = ".wisemem"
+STORE_METHODS = ("wise", "wise-retrieve", "memoir")  # what `init --method` accepts; a store keeps its method
 _BACKGROUND = Path(__file__).parent / "data" / "background.txt"
 
 
@@ -118,7 +122,7 @@ class Session:
     config: Any  # the method's config (WiseConfig, MemoirConfig)
     prefixes: list[str]
     basis: torch.Tensor | None
-    method: str = "wise"
+    method: str = "wise"  # one of STORE_METHODS
     frame: str | None = None  # MEMOIR: the object holding the TopHash permutation and background
 
     def close(self) -> None:
@@ -189,13 +193,14 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
          overrides: dict[str, Any] | None = None, catalog: str | None = None, method: str = "wise") -> InitResult:
     """Create a store bound to a base model (the embedded default when `model_id` is None).
     `catalog`: a SQLAlchemy URL for the catalog (default $WISEMEM_CATALOG, else a SQLite file).
-    `method`: wise or memoir; a store keeps one method for its whole history."""
+    `method`: wise (WISE-Merge: one side memory), wise-retrieve (one side memory per shard group,
+    top-1 retrieval; retrieve_memory.py) or memoir; a store keeps one method for its whole history."""
     from .memoir_memory import put_frame
     from .methods.memoir import MemoirEditor
     from .methods.wise.method import background_basis, generate_prefixes
 
-    if method not in ("wise", "memoir"):
-        raise ConfigError(f"unknown --method '{method}'; a store holds wise or memoir memories")
+    if method not in STORE_METHODS:
+        raise ConfigError(f"unknown --method '{method}'; a store holds {', '.join(STORE_METHODS)} memories")
 
     target = store_path(path)
     if Store.exists_at(target):  # fail before loading a model
@@ -207,7 +212,7 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
     site = find_edit_site(model, layer, module, layer_fraction=config.layer_fraction)
     prefixes = generate_prefixes(model, tokenizer, config.prefix_seeds, config.prefix_lengths)
     basis = None
-    if method == "wise":
+    if method != "memoir":
         basis = background_basis(model, tokenizer, site, background_prompts(), config.background_rank,
                                  config.chat_template)
     binding = {
@@ -229,14 +234,15 @@ def init(path: str | os.PathLike | None = None, *, model_id: str | None = None, 
 
 # ---- the memory at a commit ------------------------------------------------------------------------
 
-def memory_layer(session: Session, commit_id: str | None) -> WiseLayer:
+def memory_layer(session: Session, commit_id: str | None) -> MemoryLayer:
     """The serving layer for the memory at a commit (zero edits: a layer that adds nothing)."""
     return state_layer(session, commit_state(session.store, commit_id))
 
 
-def state_layer(session: Session, state: MemoryState) -> MemoryLayer:
+def state_layer(session: Session, state: MemoryState, rows: Sequence[dict[str, Any]] = ()) -> MemoryLayer:
     """The serving layer of a memory state. Loading re-hashes every shard object it serves: a
-    corrupt store raises IntegrityError rather than serving a wrong memory."""
+    corrupt store raises IntegrityError rather than serving a wrong memory. `rows`: the state's
+    shard rows when they are not in the catalog yet (a wise-retrieve memory's routing is in them)."""
     if session.method == "memoir":
         from .memoir_memory import memory_index
 
@@ -246,9 +252,11 @@ def state_layer(session: Session, state: MemoryState) -> MemoryLayer:
         return editor.layer(index=memory_index(session.store, state.shards[0], editor.state.masks, session.config.index))
     base = session.site.module(session.model)
     base = getattr(base, "base_layer", base)
+    device = next(session.model.parameters()).device
+    if session.method == retrieve_memory.METHOD:
+        return retrieve_memory.serving_layer(session.store, base, state, session.config, session.basis, device, rows)
     if not state.shards:
         return WiseLayer(base, None, float("inf"), session.config.router_reduce, session.basis)
-    device = next(session.model.parameters()).device
     delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config).to(device)
     return WiseLayer(base, delta, float(state.threshold), session.config.router_reduce, session.basis)
 
@@ -276,8 +284,10 @@ def editor_for(session: Session, state: MemoryState) -> WiseEditor | MemoirEdito
     """An editor holding the memory of `state` with its edits: it continues where `state` ends."""
     if session.method == "memoir":
         return memoir_editor(session, state, with_edits=True)
-    editor = WiseEditor(session.model, session.tokenizer, session.site, session.config, background_prompts(),
-                        session.prefixes, basis=session.basis)
+    kind = WiseRetrieveEditor if session.method == retrieve_memory.METHOD else WiseEditor
+    editor = kind(session.model, session.tokenizer, session.site, session.config, background_prompts(),
+                  session.prefixes, basis=session.basis)
+    editor.spent_seeds = spent_seeds(session.store, state)
     for oid in state.shards:
         meta = shard_meta(session.store, oid)
         editor.shards.append(Shard(meta.get("seed"), load_tau(session.store, oid), edits_for(session.store, meta["edits"]),
@@ -285,17 +295,21 @@ def editor_for(session: Session, state: MemoryState) -> WiseEditor | MemoirEdito
     return editor
 
 
-def save_editor(session: Session, editor: WiseEditor | MemoirEditor) -> tuple[MemoryState, list[dict[str, Any]]]:
-    """Write the editor's shards (unchanged ones keep their object) and compute the threshold."""
+Rows = list[dict[str, Any]]
+
+
+def save_editor(session: Session, editor: WiseEditor | MemoirEditor) -> tuple[MemoryState, Rows, Rows]:
+    """Write the editor's shards (unchanged ones keep their object) and compute the threshold.
+    Returns the state, its shards' catalog rows, and the rows of shards merged away into new groups."""
     store, cfg, rows = session.store, session.config, []
     if isinstance(editor, MemoirEditor):
         from .memoir_memory import put_memory
 
         if not editor.edits:
-            return MemoryState(), []
+            return MemoryState(), [], []
         row = put_memory(store, editor.state, [key_of(e) for e in editor.edits], editor.k, session.frame,
                          session.site.layer, cfg.threshold, base=editor.loaded_from, index_kind=cfg.index)
-        return MemoryState([row["object_id"]], cfg.threshold), [row]
+        return MemoryState([row["object_id"]], cfg.threshold), [row], []
     for shard in editor.shards:
         if shard.object_id is not None:  # loaded and not trained since
             rows.append(shard_rows(store, [shard.object_id])[0])
@@ -303,16 +317,23 @@ def save_editor(session: Session, editor: WiseEditor | MemoirEditor) -> tuple[Me
         mask = shard_mask(shard.tau.shape, cfg.mask_ratio, shard.seed)
         row = put_trained(store, shard.tau, mask, shard.seed, [key_of(e) for e in shard.edits], session.site.layer)
         rows.append(with_routing(session, row, shard.tau, shard.edits))
+    if isinstance(editor, WiseRetrieveEditor):  # full shards group into memories; each memory has its own threshold
+        rows, sources = retrieve_memory.group_rows(store, rows, cfg, session.site.layer,
+                                                   routing_of(session, editor.all_edits()))
+        state = MemoryState([r["object_id"] for r in rows])
+        state.threshold = threshold_for(session, state, rows)
+        return state, rows, sources
     delta = editor.side_memory()
     threshold = editor.threshold(delta) if delta is not None else None
-    return MemoryState([r["object_id"] for r in rows], threshold), rows
+    return MemoryState([r["object_id"] for r in rows], threshold), rows, []
 
 
 @torch.no_grad()
 def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits: Sequence[Edit]) -> dict[str, Any]:
     """A new shard's catalog row with its routing columns: its own threshold (act_ratio x the
-    lowest score of its edits under it alone) and its signature, an object holding the centroid
-    of its edits' routing keys (the edited layer's input, background removed, mean over the prompt)."""
+    lowest score of its edits under it alone) and its signature, an object holding its edits'
+    routing keys in edit order (the edited layer's input, background removed, mean over the prompt;
+    a wise-retrieve store's key index is made of them) and their centroid."""
     store, cfg = session.store, session.config
     tau = tau.to(next(session.model.parameters()).device)
     prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
@@ -324,18 +345,33 @@ def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits
         keys.append(acts.mean(0))
         token_scores = (acts @ tau.t()).norm(dim=-1)  # (T,)
         scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())
-    signature = store.objects.put_tensors({"centroid": torch.stack(keys).mean(0).cpu()},
+    signature = store.objects.put_tensors({"centroid": torch.stack(keys).mean(0).cpu(), "keys": torch.stack(keys).cpu()},
                                           {"kind": "wise-router-signature", "shard": row["object_id"]})
     return {**row, "threshold": float(torch.stack(scores).min()) * cfg.act_ratio, "signature": signature}
 
 
-def threshold_for(session: Session, state: MemoryState) -> float | None:
-    """Router threshold of a state: act_ratio x the lowest activation score of its live edits
-    (MEMOIR: the configured mask-overlap threshold tau)."""
+def routing_of(session: Session, known: Sequence[Edit] = ()) -> retrieve_memory.RoutingFn:
+    """`with_routing` for a new shard named by its edit keys (`known`: edits not in the catalog yet)."""
+    by_key = {key_of(e): e for e in known}
+
+    def routing(row: dict[str, Any], tau: torch.Tensor, keys: Sequence[str]) -> dict[str, Any]:
+        rest = [k for k in keys if k not in by_key]
+        stored = dict(zip(rest, edits_for(session.store, rest)))
+        return with_routing(session, row, tau, [by_key.get(k) or stored[k] for k in keys])
+
+    return routing
+
+
+def threshold_for(session: Session, state: MemoryState, rows: Sequence[dict[str, Any]]) -> float | None:
+    """Router threshold of a state whose shards' catalog rows are `rows`: act_ratio x the lowest
+    activation score of its live edits (WISE-Retrieve: the loosest memory's own threshold; MEMOIR:
+    the configured mask-overlap threshold tau)."""
     if not state.shards:
         return None
     if session.method == "memoir":
         return float(session.config.threshold)
+    if session.method == retrieve_memory.METHOD:
+        return min(float(r["threshold"]) for r in rows)
     delta = merge_shards([load_tau(session.store, oid) for oid in state.shards], session.config)
     edits = edits_for(session.store, state_edit_keys(session.store, state))
     prompts = [format_prompt(session.tokenizer, e.prompt, session.config.chat_template) for e in edits]
@@ -383,18 +419,19 @@ class CommitResult:
     steps: list[int] = field(default_factory=list)
 
 
-def state_metrics(session: Session, state: MemoryState, edits: Sequence[Edit], generation: bool = False) -> dict[str, Any]:
-    """The memory of `state` measured on these edits (evaluate/own_edits.py): what `train` prints,
-    `commit --gate` checks and `eval --ref` records."""
+def state_metrics(session: Session, state: MemoryState, edits: Sequence[Edit], generation: bool = False,
+                  rows: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The memory of `state` (shard rows `rows` if not recorded yet) measured on these edits
+    (evaluate/own_edits.py): what `train` prints, `commit --gate` checks and `eval --ref` records."""
     from .evaluate.own_edits import own_metrics
 
-    return own_metrics(session.model, session.tokenizer, session.site, state_layer(session, state), edits,
+    return own_metrics(session.model, session.tokenizer, session.site, state_layer(session, state, rows), edits,
                        chat_template=session.config.chat_template, generation=generation,
                        fallback_prompts=background_prompts())
 
 
 def _train(session: Session, parent: str | None, edits: Sequence[Edit],
-           progress: Callable[[int, int], None] | None) -> tuple[MemoryState, list[dict[str, Any]], list]:
+           progress: Callable[[int, int], None] | None) -> tuple[MemoryState, Rows, Rows, list]:
     state = commit_state(session.store, parent)
     check_new_edits(session.store, state, edits)
     editor = editor_for(session, state)
@@ -405,8 +442,7 @@ def _train(session: Session, parent: str | None, edits: Sequence[Edit],
             progress(i, len(edits))
 
     stats = editor.apply(edits, after_edit)
-    new_state, rows = save_editor(session, editor)
-    return new_state, rows, stats
+    return (*save_editor(session, editor), stats)
 
 
 @dataclass
@@ -415,7 +451,8 @@ class _Trained:
     parent: str | None
     edits: list[Edit]
     state: MemoryState
-    rows: list[dict[str, Any]]
+    rows: Rows  # the state's shards
+    sources: Rows  # shards merged away into the state's new groups
     stats: list
 
     def seconds_and_steps(self) -> tuple[list[float], list[int]]:
@@ -434,8 +471,7 @@ def _trained_on_head(path, edits_file, session: Session | None, overrides: dict[
         if session.store.get_staged() is not None:
             raise ConfigError("something is staged; `wisemem commit` it (no FILE) or `wisemem unstage` first")
         parent = session.store.head()
-        state, rows, stats = _train(session, parent, edits, progress)
-        yield _Trained(session, parent, edits, state, rows, stats)
+        yield _Trained(session, parent, edits, *_train(session, parent, edits, progress))
 
 
 def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike = "", *,
@@ -444,10 +480,10 @@ def train(path: str | os.PathLike | None = None, edits_file: str | os.PathLike =
     """Train the edits into a new memory state on top of HEAD and stage it (HEAD does not move)."""
     with _trained_on_head(path, edits_file, session, overrides, lock_timeout, progress) as t:
         store, state = t.session.store, t.state
-        metrics = state_metrics(t.session, state, t.edits)
+        metrics = state_metrics(t.session, state, t.edits, rows=t.rows)
         store.set_staged({"parent_id": t.parent, "state_json": state.to_json(), "config_json": t.session.config.to_json(),
                           "edits_json": json.dumps([e.to_dict() for e in t.edits]), "metrics_json": json.dumps(metrics)},
-                         t.rows)
+                         t.rows + t.sources)
         total = len(state_edit_keys(store, state))
         return TrainResult(t.parent, len(t.edits), total, state.threshold, len(state.shards), metrics,
                            *t.seconds_and_steps())
@@ -478,13 +514,14 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
         store, state, edits = t.session.store, t.state, t.edits
         metrics, evaluation = {}, None
         if conditions:
-            metrics = state_metrics(t.session, state, edits, generation=needs_generation(conditions))
+            metrics = state_metrics(t.session, state, edits, generation=needs_generation(conditions), rows=t.rows)
             check_gate(conditions, metrics)
             evaluation = {"source": "commit --gate " + ",".join(map(str, conditions)), "metrics": metrics}
         fault_point("before-catalog-write")
         cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, t.session.method,
                                   t.session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
-                                  [e.edit_id for e in edits], shards=t.rows, evaluation=evaluation)
+                                  [e.edit_id for e in edits], shards=t.rows, sources=t.sources, evaluation=evaluation)
+        retrieve_memory.write_head_index(store)
         total = len(state_edit_keys(store, state))
         return CommitResult(cid, t.parent, len(edits), total, state.threshold, len(state.shards), metrics,
                             *t.seconds_and_steps())
@@ -508,6 +545,7 @@ def _commit_staged(path, message: str | None, author: str | None, lock_timeout: 
         cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, method, staged["config_json"],
                                   state.to_json(), records, ids, shards=shard_rows(store, state.shards),
                                   clear_staging=True, evaluation={"source": "train", "metrics": metrics})
+        retrieve_memory.write_head_index(store)
         total = len(state_edit_keys(store, state))
         return CommitResult(cid, parent, len(records), total, state.threshold, len(state.shards), metrics)
 
@@ -521,9 +559,10 @@ class CommitInfo:
     message: str
     author: str
     created_at: str
-    method: str
+    method: str  # the store's kind: wise, wise-retrieve or memoir
     n_edits: int
     n_removed: int
+    memories: int  # side memories its state serves
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -533,7 +572,8 @@ class CommitInfo:
 
 def commit_info(store: Store, c: dict[str, Any]) -> CommitInfo:
     return CommitInfo(c["id"], c["parents"], c["message"], c["author"], c["created_at"], c["method"],
-                      len(c["edits"]), len(c["removed"]), store.evaluations(c["id"]))
+                      len(c["edits"]), len(c["removed"]), memory_count(c["method"], MemoryState.from_json(c["state_json"])),
+                      store.evaluations(c["id"]))
 
 
 def log(path: str | os.PathLike | None = None, ref: str = "HEAD", max_count: int | None = None) -> list[CommitInfo]:
@@ -616,6 +656,6 @@ def generate(path: str | os.PathLike | None = None, prompts: Sequence[str] = (),
             texts, routed = [], []
             for p in prompts:  # one at a time so each route is reported; batches route per row too
                 texts += generate_answers(session.model, session.tokenizer, [p], max_new_tokens, chat_template=chat)
-                held = handle.layer.routing.held
-                routed.append(bool(held[0]) if held is not None else False)
+                held = handle.layer.routing.held  # a bool route, or the memory / stored edit chosen (-1: none)
+                routed.append(held is not None and bool(held[0] if held.dtype == torch.bool else held[0] >= 0))
         return [Generation(p, t, use_memory, r) for p, t, r in zip(prompts, texts, routed)]

@@ -239,10 +239,11 @@ class Store:
         self, parent_id: str | None, message: str, author: str | None, method: str, config_json: str,
         state_json: str, edit_records: list[dict[str, Any]], edit_ids: list[str], *,
         merge_parent: str | None = None, removed: Sequence[tuple[str, dict[str, Any]]] = (),
-        shards: Sequence[dict[str, Any]] = (), clear_staging: bool = False,
+        shards: Sequence[dict[str, Any]] = (), sources: Sequence[dict[str, Any]] = (), clear_staging: bool = False,
         evaluation: dict[str, Any] | None = None,
     ) -> str:  # fmt: skip
-        """Insert a commit, its parents, edits (added, and `removed` by a revert) and shard rows,
+        """Insert a commit, its parents, edits (added, and `removed` by a revert) and shard rows
+        (`shards`: its state's, in order; `sources`: shards its new merged shards were merged from),
         and advance the current branch (or detached HEAD) by CAS from `parent_id`, all in one
         transaction: either everything lands or nothing does (ConcurrentUpdate if HEAD moved)."""
         if len(edit_records) != len(edit_ids):
@@ -273,6 +274,7 @@ class Store:
                      for i, (e, r) in enumerate(removed)]  # fmt: skip
             if rows:
                 conn.execute(sa.insert(c.edits), rows)
+            self._insert_shards(conn, None, sources)
             self._insert_shards(conn, cid, shards)
             if clear_staging:
                 conn.execute(sa.delete(c.staging))

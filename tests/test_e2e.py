@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cli import render
-from memstore import porcelain
+from memstore import history, porcelain
 from memstore.edits import Edit, load_edits
 from memstore.errors import UnknownRef
 from memstore.evaluate.metrics import generate_answers
@@ -287,3 +287,26 @@ def test_cli_eval_ref_records_on_the_commit(world: World, tmp_path: Path) -> Non
     for argv in (["eval"], ["eval", EXAMPLES, "--ref", "HEAD"]):  # neither, or both: a usage error
         bad = wisemem(*argv, "--store", store)
         assert bad.returncode == 2 and bad.stdout == "" and "--ref" in bad.stderr
+
+
+# -- (h) a wise-retrieve store ---------------------------------------------------------------------------
+
+
+def test_wise_retrieve_store_edit_takes_and_revert_restores(tmp_path: Path) -> None:
+    """Its own store (not the module's): one edit committed to a wise-retrieve store changes the
+    answer through its own memory; reverting the commit gives the bare model's answer back."""
+    path, edit = tmp_path / "store", EDITS[0]
+    edits_file = tmp_path / "one.jsonl"
+    edits_file.write_text(json.dumps(edit.to_dict()) + "\n")
+    porcelain.init(path, method="wise-retrieve")
+    session = porcelain.open_session(path)
+    try:
+        (bare,) = porcelain.generate(path, [edit.prompt], max_new_tokens=N_NEW, memory=False, session=session)
+        porcelain.commit(path, edits_file, session=session)
+        (after,) = porcelain.generate(path, [edit.prompt], max_new_tokens=N_NEW, session=session)
+        assert after.routed and took(after.text, edit) and not took(bare.text, edit), (bare.text, after.text)
+        history.revert(path, "HEAD", session=session)
+        (reverted,) = porcelain.generate(path, [edit.prompt], max_new_tokens=N_NEW, session=session)
+        assert not reverted.routed and reverted.text == bare.text
+    finally:
+        session.close()

@@ -103,17 +103,21 @@ def test_decision_is_held_while_generating(tiny_model, two_memories):
         ids = torch.tensor([TOK(prompt).input_ids])
         past = model(input_ids=ids, use_cache=True).past_key_values
         bare_steps = [step(model, token, past) for token in candidates]
+        seen: dict[str, torch.Tensor] = {}
         with mount_layer(model, editor.site, layer):
             mounted_past = model(input_ids=ids, use_cache=True).past_key_values
             assert layer.last_choice.tolist() == [held]
             differs = 0
+            hook = layer.register_forward_hook(lambda _m, args, _out: seen.update(x=args[0]))
             for token, bare in zip(candidates, bare_steps):  # one generated token each, on the prompt's cache
                 out = step(model, token, mounted_past)
                 assert layer.last_choice.tolist() == [held]
-                ratio = layer.last_row_scores[0] / layer.thresholds
+                # A held step scores nothing; the token's own scores say where it would have gone alone.
+                ratio = layer.row_scores(seen["x"])[0] / layer.thresholds
                 differs += (int(ratio.argmax()) if bool((ratio > 1).any()) else -1) != held
                 if held == -1:  # a row routed nowhere generates exactly as the bare model
                     assert torch.equal(out, bare)
+            hook.remove()
         assert differs > 0, "no candidate token would route differently on its own: the test proves nothing"
     # And through model.generate on a mixed batch (left padded), every step keeps the prefill routes.
     seqs = [TOK(EDITS[0].prompt).input_ids, TOK(IRRELEVANT[0]).input_ids]

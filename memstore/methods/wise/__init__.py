@@ -7,6 +7,7 @@ from .method import WiseEditor, merge_shards, router_threshold, shard_mask
 from .retrieve import WiseRetrieveEditor, WiseRetrieveLayer
 
 register_method(name="wise", config_cls=WiseConfig, method_cls=WiseEditor)
+register_method(name="wise-retrieve", config_cls=WiseConfig, method_cls=WiseRetrieveEditor)
 
 __all__ = [
     "WiseConfig", "WiseEditor", "WiseLayer", "WiseRetrieveEditor", "WiseRetrieveLayer", "default_config",

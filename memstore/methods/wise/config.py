@@ -14,6 +14,8 @@ class WiseConfig(ContextConfig):
     edits_per_shard: int = hyperparameter(100, "save_freq: edits a shard holds before a new shard (new mask) starts")
     shards_per_memory: int = hyperparameter(1, "WISE-Retrieve (merge_freq / save_freq): shards merged into each side memory; "
                                    "a memory closes once it holds this many full shards")
+    prefilter_candidates: int = hyperparameter(16, "WISE-Retrieve store: a prompt's router scores only the memories of the "
+                                      "c stored edit keys nearest its own key (FAISS pre-filter); 0 scores every memory")
     merge_method: str = hyperparameter("ties", "how shards merge into one side memory: ties, dare_ties, task_arithmetic, linear")
     merge_density: float = hyperparameter(0.53, "TIES trim: fraction of each shard's entries kept by magnitude")
     optimizer: str = hyperparameter("adam", "optimiser of the side memory: sgd (as the reference) or adam")
@@ -40,6 +42,8 @@ class WiseConfig(ContextConfig):
             raise ConfigError("edits_per_shard must be at least 1")
         if self.shards_per_memory < 1:
             raise ConfigError(f"shards_per_memory must be at least 1, got {self.shards_per_memory}")
+        if self.prefilter_candidates < 0:
+            raise ConfigError(f"prefilter_candidates must be >= 0 (0: score every memory), got {self.prefilter_candidates}")
         if not 0.0 < self.merge_density <= 1.0:
             raise ConfigError(f"merge_density must be in (0, 1], got {self.merge_density}")
         if self.max_steps < 1 or self.lr <= 0:

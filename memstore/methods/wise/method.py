@@ -109,6 +109,7 @@ class WiseEditor:
                                      config.chat_template)
         self.basis = basis
         self._rng = random.Random(config.seed)
+        self.spent_seeds: set[int] = set()  # mask seeds of shards merged away (still in use inside merged shards)
         self._mask: torch.Tensor | None = None
         self._mask_seed: int | None = None
 
@@ -235,7 +236,7 @@ class WiseEditor:
         if last is None or last.closed or len(last.edits) >= self.config.edits_per_shard:
             # Seeds never repeat within a memory, even after a revert dropped a shard.
             base = self.config.seed * 1_000_003
-            used = [s.seed - base for s in self.shards if not s.closed]
+            used = [s.seed - base for s in self.shards if not s.closed] + [s - base for s in self.spent_seeds]
             self.shards.append(Shard(base + (max(used) + 1 if used else 0), torch.zeros(self.shape, device=self.device)))
         return self.shards[-1]
 
@@ -271,12 +272,14 @@ class WiseEditor:
         return WiseLayer(self.site.module(self.model), delta, threshold, self.config.router_reduce, self.basis)
 
 
+def merge_spec(config: WiseConfig, n: int) -> dict:
+    """How `n` shards merge into one side memory under `config` (recorded in merged shards' headers)."""
+    return {"method": config.merge_method, "params": {"seed": config.seed},
+            "shard_params": [{"density": config.merge_density} for _ in range(n)]}
+
+
 def merge_shards(taus: Sequence[torch.Tensor], config: WiseConfig) -> torch.Tensor | None:
-    if not taus:
-        return None
-    spec = {"method": config.merge_method, "params": {"seed": config.seed},
-            "shard_params": [{"density": config.merge_density} for _ in taus]}
-    return merge_with_spec(taus, spec)
+    return merge_with_spec(taus, merge_spec(config, len(taus))) if taus else None
 
 
 @torch.no_grad()

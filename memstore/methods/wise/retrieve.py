@@ -12,21 +12,31 @@ Replay term (the paper's fix for routing precision, 60% -> 88% at 3K edits): whi
 trained into memory j, the margin gets a second negative, the prompt of an edit stored in another
 memory, so memory j learns to stay quiet on the others' edits (benchmarks/probe_shards.py: right
 memory 57% -> 90% of edit prompts at T=30).
-Run: `wisemem eval DATA -T 30 --method wise-retrieve --set edits_per_shard=10`.
+Pre-filter (DESIGN.md principle 6): with a `KeyIndex` of the stored edits' routing keys, a row
+scores only the memories of the `candidates` stored keys nearest its own key (mean of its prompt's
+inputs, background removed) and the exact score check decides among those; no index, or
+candidates 0, scores every memory. A held row (a generated token) scores nothing: it computes only
+the memory it was routed to.
+Run: `wisemem eval DATA -T 30 --method wise-retrieve --set edits_per_shard=10`; a store:
+`wisemem init --method wise-retrieve` (memstore/retrieve_memory.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...edits import Edit
+from ...index import KeyIndex
+from ...model import EditSite
 from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids
 from ..base import MemoryLayer
+from ..upper import module_inputs
 from .layer import WiseLayer, reduce_scores
 from .method import (
     EditStats,
@@ -43,7 +53,7 @@ class WiseRetrieveLayer(MemoryLayer):
 
     def __init__(self, base_layer: nn.Module, deltas: torch.Tensor | None = None,
                  thresholds: torch.Tensor | None = None, reduce: str = "mean",
-                 basis: torch.Tensor | None = None) -> None:
+                 basis: torch.Tensor | None = None, index: KeyIndex | None = None, candidates: int = 0) -> None:
         super().__init__(base_layer)
         if deltas is not None and (thresholds is None or thresholds.shape != deltas.shape[:1]):
             raise ValueError("WiseRetrieveLayer needs one threshold per memory: thresholds of shape (K,)")
@@ -51,10 +61,12 @@ class WiseRetrieveLayer(MemoryLayer):
         self.register_buffer("basis", basis, persistent=False)  # (d_in, r) background directions, or None
         self.register_buffer("deltas", deltas, persistent=False)  # (K, d_out, d_in) or None
         self.register_buffer("thresholds", thresholds, persistent=False)  # (K,)
+        self.index, self.candidates = index, candidates  # pre-filter: memories of the `candidates` nearest keys
         # The runner reports one threshold: the loosest memory's.
         self.threshold = float(thresholds.min()) if thresholds is not None and len(thresholds) else math.inf
         self.last_choice: torch.Tensor | None = None  # (B,) memory each row used in the last forward, -1 none
-        self.last_row_scores: torch.Tensor | None = None  # (B, K) the scores that made (or would make) the choice
+        self.last_row_scores: torch.Tensor | None = None  # (B, K) scores that made the choice (0: not scored)
+        self.last_candidates: torch.Tensor | None = None  # (B, K) memories the pre-filter let the router score
 
     @property
     def n_memories(self) -> int:
@@ -67,39 +79,124 @@ class WiseRetrieveLayer(MemoryLayer):
         base = self.base_layer(x)  # (B, T, d_out)
         if not self.enabled or self.deltas is None:
             return base
+        a = self._read(x)
+        held = self.routing.held
+        if not self.routing.prefill and held is not None and held.shape[0] == x.shape[0]:
+            choice = held.to(a.device)  # a generated token keeps its row's memory: nothing to score
+        else:
+            choice = self._route(a)
+        self.last_choice = choice
+        out = base
+        for j in choice[choice >= 0].unique().tolist():  # each memory once, on the rows routed to it
+            rows = (choice == j).nonzero().squeeze(1)
+            side = torch.matmul(a[rows], self.deltas[j].t())  # (R, T, d_out)
+            out = out.index_add(0, rows.to(base.device), side.to(base.dtype))
+        return out
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        """What the memories read: the input with its background directions removed."""
         a = x.to(self.deltas.dtype)
         if self.basis is not None:
             a = a - torch.matmul(torch.matmul(a, self.basis), self.basis.t())  # (B, T, d_in)
+        return a
+
+    def row_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K) activation score of each row of input x (B, T, d_in) under every memory, reduced
+        over the row's routing positions (what the router compares with the thresholds)."""
+        return self._scores(self._read(x), torch.arange(self.n_memories))
+
+    def _scores(self, a: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """(B, M) row scores of the given memories on `a`, the input as the memories read it."""
         K, d_out, d_in = self.deltas.shape
-        # All memories in one matmul against the stacked (K * d_out, d_in) deltas; a broadcast
-        # batched matmul would copy every delta once per row.
-        side = torch.matmul(a, self.deltas.reshape(K * d_out, d_in).t()).unflatten(-1, (K, d_out))  # (B, T, K, d_out)
-        choice = self._route(side.norm(dim=-1).transpose(1, 2))  # (B,)
-        self.last_choice = choice
-        routed = choice >= 0
-        if not bool(routed.any()):
-            return base
-        rows = torch.arange(x.shape[0], device=side.device)
-        picked = side[rows, :, choice.clamp_min(0).to(side.device)]  # (B, T, d_out)
-        return torch.where(routed.to(base.device)[:, None, None], base + picked.to(base.dtype), base)
+        if len(memories) == K:  # every memory: one matmul against the stacked (K * d_out, d_in) deltas
+            side = torch.matmul(a, self.deltas.reshape(K * d_out, d_in).t()).unflatten(-1, (K, d_out))
+            scores = side.norm(dim=-1).transpose(1, 2)  # (B, K, T)
+        else:  # a few candidates: one matmul each, rather than copying their deltas out of the stack
+            scores = torch.stack([torch.matmul(a, self.deltas[j].t()).norm(dim=-1) for j in memories.tolist()], 1)
+        return reduce_scores(scores, self.route_positions(scores[:, 0])[:, None], self.reduce)
+
+    def candidate_mask(self, a: torch.Tensor) -> torch.Tensor:
+        """(B, K) memories each row may be routed to: those of its `candidates` nearest stored keys
+        (the row's key: mean of `a` over its routing positions), or every memory without a pre-filter."""
+        B, K = a.shape[0], self.n_memories
+        if self.index is None or self.candidates <= 0:
+            return torch.ones(B, K, dtype=torch.bool, device=a.device)
+        positions = self.route_positions(a[..., 0]).to(a.dtype)  # (B, T)
+        keys = (a * positions[..., None]).sum(1) / positions.sum(1, keepdim=True).clamp_min(1)  # (B, d_in)
+        near = self.index.search(keys, self.candidates)  # (B, c) memory ids, -1 past the end
+        mask = torch.zeros(B, K + 1, dtype=torch.bool)
+        mask[torch.arange(B)[:, None], torch.where(near < 0, K, near)] = True  # column K collects the -1s
+        return mask[:, :K].to(a.device)
 
     @torch.no_grad()
-    def _route(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) memory per row from per-token scores (B, K, T); held from the prefill while generating."""
-        positions = self.route_positions(scores[:, 0])  # (B, T)
-        row = reduce_scores(scores, positions[:, None], self.reduce)  # (B, K)
-        self.last_row_scores = row
-        held = self.routing.held
-        if not self.routing.prefill and held is not None and held.shape[0] == scores.shape[0]:
-            return held.to(scores.device)
-        thresholds = self.thresholds.to(row.device, row.dtype)
-        above = row > thresholds  # an infinite threshold (a memory with no edits) never fires
-        # Normalised by its own threshold: memories trained to different score scales compete fairly.
-        ratio = torch.where(above, row / thresholds, torch.full_like(row, -math.inf))
-        choice = torch.where(above.any(-1), ratio.argmax(-1), torch.full_like(ratio[:, 0], -1, dtype=torch.long))
+    def _route(self, a: torch.Tensor) -> torch.Tensor:
+        """(B,) memory per row (-1: none) from the prompt's scores; held for the generated tokens."""
+        choice, self.last_candidates, self.last_row_scores = self.decide(a)
         if self.routing.prefill:
             self.routing.held = choice
         return choice
+
+    @torch.no_grad()
+    def decide(self, a: torch.Tensor, prefilter: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(choice (B,), candidates (B, K), row scores (B, K); 0 where not scored) for rows `a` as
+        the memories read them; `prefilter=False` scores every memory (the exhaustive scan)."""
+        allowed = self.candidate_mask(a) if prefilter else torch.ones(a.shape[0], self.n_memories, dtype=torch.bool,
+                                                                       device=a.device)
+        scored = allowed.any(0).nonzero().squeeze(1)  # the memories any row of the batch may use
+        row = a.new_zeros(a.shape[0], self.n_memories)
+        if len(scored):
+            row[:, scored] = self._scores(a, scored)
+        thresholds = self.thresholds.to(row.device, row.dtype)
+        above = (row > thresholds) & allowed  # an infinite threshold (a memory with no edits) never fires
+        # Normalised by its own threshold: memories trained to different score scales compete fairly.
+        ratio = torch.where(above, row / thresholds, torch.full_like(row, -math.inf))
+        choice = torch.where(above.any(-1), ratio.argmax(-1), torch.full_like(ratio[:, 0], -1, dtype=torch.long))
+        return choice, allowed, row
+
+
+@dataclass
+class PrefilterRecall:
+    queries: int
+    routed: int  # queries the exhaustive scan routes to a memory
+    hits: int  # of those, queries whose memory is among the pre-filter's candidates
+    recall: float  # hits / routed (1.0 when nothing is routed)
+
+
+@torch.no_grad()
+def prefilter_recall(model: nn.Module, tokenizer, site: EditSite, layer: WiseRetrieveLayer, prompts: Sequence[str],
+                     chat_template: bool = False) -> PrefilterRecall:
+    """How often the key index keeps the right memory: the fraction of prompts whose exhaustive top-1
+    memory is among the candidates `layer` pre-selects (equal to how often the pre-filtered route
+    equals the exhaustive one, since the exact check decides among candidates). `layer` is not mounted."""
+    layer.routing.reset()  # no mount: every token of a prompt decides its route
+    routed = hits = 0
+    texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
+    for acts in module_inputs(model, tokenizer, site, texts):  # (T, d_in) each, prompt tokens only
+        a = layer._read(acts[None].to(layer.deltas.device))
+        exact = int(layer.decide(a, prefilter=False)[0][0])
+        if exact >= 0:
+            routed += 1
+            hits += bool(layer.candidate_mask(a)[0, exact])
+    return PrefilterRecall(len(texts), routed, hits, hits / routed if routed else 1.0)
+
+
+def memory_groups(closed: Sequence[bool], full: Sequence[bool], per_memory: int) -> list[list[int]]:
+    """Which shards (indices, in order) make up each memory. A merged (closed) shard is a memory
+    alone; consecutive full trained shards form groups of `per_memory`, the last group possibly
+    still filling (ending with the open shard); a trained shard that is neither full nor last (a
+    revert emptied it partly) is a memory alone, and so is each full shard of a group it cut short."""
+    groups: list[list[int]] = []
+    run: list[int] = []
+    for i, (is_closed, is_full) in enumerate(zip(closed, full)):
+        if is_closed or (not is_full and i < len(closed) - 1):
+            groups += [[j] for j in run] + [[i]]
+            run = []
+            continue
+        run.append(i)
+        if len(run) == per_memory:
+            groups.append(run)
+            run = []
+    return groups + ([run] if run else [])
 
 
 class WiseRetrieveEditor(WiseEditor):
@@ -107,17 +204,20 @@ class WiseRetrieveEditor(WiseEditor):
     negatives; `layer()` serves the memories by top-1 retrieval."""
 
     _current: Shard | None = None  # the shard being trained: decides which memory is "own"
+    # Prompts of edits in memories this editor does not hold: negatives too (a store's revert
+    # rebuilds one memory while the others stay as they are).
+    outside_prompts: Sequence[str] = ()
 
     # ---- memories ---------------------------------------------------------------------------
-    def memory_of(self, shard: Shard) -> int | None:
-        """Memory index of a shard (None if it is not one of ours): groups of `shards_per_memory`
-        consecutive shards; a group closes once it holds that many shards and the last is full."""
-        index = next((i for i, s in enumerate(self.shards) if s is shard), None)
-        return None if index is None else index // self.config.shards_per_memory
-
     def memories(self) -> list[list[Shard]]:
-        k = self.config.shards_per_memory
-        return [self.shards[i:i + k] for i in range(0, len(self.shards), k)]
+        cap = self.config.edits_per_shard
+        groups = memory_groups([s.closed for s in self.shards], [len(s.edits) >= cap for s in self.shards],
+                               self.config.shards_per_memory)
+        return [[self.shards[i] for i in g] for g in groups]
+
+    def memory_of(self, shard: Shard) -> int | None:
+        """Memory index of a shard (None if it is not one of ours)."""
+        return next((m for m, group in enumerate(self.memories()) if any(s is shard for s in group)), None)
 
     def edit_owners(self) -> list[int]:
         """Memory index of every edit, in `all_edits()` order."""
@@ -133,10 +233,11 @@ class WiseRetrieveEditor(WiseEditor):
 
     def other_memory_prompts(self) -> list[str]:
         """Prompts of edits stored in memories other than the one being trained."""
-        own = None if self._current is None else self.memory_of(self._current)
-        if own is None:
+        if self._current is None:
             return []
-        return [e.prompt for m, group in enumerate(self.memories()) if m != own for s in group for e in s.edits]
+        own = self.memory_of(self._current)
+        inside = [e.prompt for m, group in enumerate(self.memories()) if m != own for s in group for e in s.edits]
+        return [*self.outside_prompts, *inside]
 
     def _edit_batch(self, edit: Edit, replay: Sequence[Edit]) -> TrainBatch:
         """WISE's rows, plus one negative row from another memory's edit when one exists, so that
