@@ -1,0 +1,106 @@
+"""WISE-Retrieve's FAISS pre-filter against the exhaustive scan, on the real model.
+
+Trains K side memories with WiseRetrieveEditor (the library path `wisemem eval --method
+wise-retrieve` uses), in a cheap configuration: the pre-filter's recall depends on where the
+routing keys lie and on which memory the exact check picks, not on how well each edit is learnt,
+so the prompt alone (no context prefixes), few steps and small shards make many memories
+affordable on a CPU. Then, for prompts of three kinds (edit prompts, their rephrases, unrelated
+ZsRE locality questions) and c candidate keys: the recall (queries whose exhaustive top-1 memory
+is among the pre-filter's candidates, of the queries the exhaustive scan routes anywhere), how often
+the two routes agree, and the routing time per query (pre-filter + exact check on the candidates vs
+exact check on every memory).
+
+Run (from /work/main):
+  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/probe_retrieve_prefilter.py [T=200] [edits_per_shard=5] \
+      > benchmarks/results/retrieve_prefilter.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from memstore.edits import edit_from_record  # noqa: E402
+from memstore.index import KeyIndex, key_ids  # noqa: E402
+from memstore.methods.upper import module_inputs  # noqa: E402
+from memstore.methods.wise import WiseConfig, WiseRetrieveEditor  # noqa: E402
+from memstore.methods.wise.method import generate_prefixes  # noqa: E402
+from memstore.methods.wise.retrieve import prefilter_recall  # noqa: E402
+from memstore.model import find_edit_site, load_model  # noqa: E402
+from memstore.porcelain import parse_overrides  # noqa: E402
+
+DATA = "../shared/data/zsre/zsre_mend_eval.0-999.json"
+IRRELEVANT = "../shared/data/zsre/zsre_mend_train-1k.json"
+CANDIDATES = (1, 4, 8, 16, 32, 64)
+
+
+@torch.no_grad()
+def keys_of(editor: WiseRetrieveEditor, prompts: list[str]) -> torch.Tensor:
+    """(N, d_in): each prompt's routing key, as stores keep them (porcelain.with_routing)."""
+    out = []
+    for acts in module_inputs(editor.model, editor.tokenizer, editor.site, prompts):
+        acts = acts.float()
+        if editor.basis is not None:
+            acts = acts - (acts @ editor.basis) @ editor.basis.t()
+        out.append(acts.mean(0))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefilter: bool) -> float:
+    """Mean seconds per query of the routing decision alone (inputs captured beforehand)."""
+    reads = [layer._read(a[None]) for a in module_inputs(editor.model, editor.tokenizer, editor.site, prompts)]
+    layer.routing.reset()
+    start = time.perf_counter()
+    for a in reads:
+        layer.decide(a, prefilter=prefilter)
+    return (time.perf_counter() - start) / len(reads)
+
+
+def main() -> None:
+    args = parse_overrides(sys.argv[1:])
+    n = int(args.pop("T", 200))
+    settings = {"edits_per_shard": 5, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args}
+    records = json.load(open(DATA))
+    edits = [edit_from_record(r) for r in records[:n]]
+    unrelated = [r["loc"].removeprefix("nq question: ") for r in records[n:n + n]]
+    model, tokenizer = load_model(None)
+    config = WiseConfig.for_model(model.config.model_type, **settings)
+    site = find_edit_site(model, None, None, layer_fraction=config.layer_fraction)
+    background = [r["loc"].removeprefix("nq question: ") for r in json.load(open(IRRELEVANT))]
+    editor = WiseRetrieveEditor(model, tokenizer, site, config, background,
+                                generate_prefixes(model, tokenizer, config.prefix_seeds, config.prefix_lengths))
+    start = time.perf_counter()
+    editor.apply(edits, lambda i, _s: print(f"edit {i}/{n} at {time.perf_counter() - start:.0f} s",
+                                            file=sys.stderr, flush=True) if i % 20 == 0 else None)
+    train_seconds = time.perf_counter() - start
+    layer = editor.layer()
+    counts = [sum(len(s.edits) for s in group) for group in editor.memories()]
+    index = KeyIndex.build(keys_of(editor, [e.prompt for e in editor.all_edits()]), key_ids(counts))
+    layer.index = index
+    groups = {"edit": [e.prompt for e in edits], "rephrase": [e.rephrase_prompt for e in edits],
+              "unrelated": unrelated}
+    rows = []
+    for c in CANDIDATES:
+        layer.candidates = c
+        row = {"candidates": c}
+        for name, prompts in groups.items():
+            r = prefilter_recall(model, tokenizer, site, layer, prompts)
+            row[name] = {"recall": r.recall, "routed": r.routed, "queries": r.queries}
+        row["seconds_per_query_prefilter"] = routing_seconds(editor, layer, groups["edit"], True)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    exhaustive = routing_seconds(editor, layer, groups["edit"], False)
+    print(json.dumps({"T": n, "memories": len(counts), "settings": settings, "train_seconds": train_seconds,
+                      "threads": torch.get_num_threads(), "seconds_per_query_exhaustive": exhaustive, "rows": rows},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
