@@ -11,7 +11,7 @@ the two routes agree, and the routing time per query (pre-filter + exact check o
 exact check on every memory).
 
 Run (from /work/main):
-  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/probe_retrieve_prefilter.py [T=200] [edits_per_shard=5] \
+  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/probe_retrieve_prefilter.py [T=400] [edits_per_shard=4] \
       > benchmarks/results/retrieve_prefilter.json
 """
 
@@ -65,8 +65,8 @@ def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefi
 
 def main() -> None:
     args = parse_overrides(sys.argv[1:])
-    n = int(args.pop("T", 200))
-    settings = {"edits_per_shard": 5, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args}
+    n = int(args.pop("T", 400))
+    settings = {"edits_per_shard": 4, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args}
     records = json.load(open(DATA))
     edits = [edit_from_record(r) for r in records[:n]]
     unrelated = [r["loc"].removeprefix("nq question: ") for r in records[n:n + n]]
