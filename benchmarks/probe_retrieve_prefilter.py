@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from memstore.edits import edit_from_record  # noqa: E402
+from memstore.errors import EditFileError  # noqa: E402
 from memstore.index import KeyIndex, key_ids  # noqa: E402
 from memstore.methods.upper import module_inputs  # noqa: E402
 from memstore.methods.wise import WiseConfig, WiseRetrieveEditor  # noqa: E402
@@ -67,8 +68,14 @@ def main() -> None:
     args = parse_overrides(sys.argv[1:])
     n = int(args.pop("T", 400))
     settings = {"edits_per_shard": 4, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args}
-    records = json.load(open(DATA))
-    edits = [edit_from_record(r) for r in records[:n]]
+    records = []
+    for r in json.load(open(DATA)):
+        try:  # two ZsRE records have an empty target: skipped, as `wisemem eval` does
+            records.append((edit_from_record(r), r))
+        except EditFileError:
+            continue
+    edits = [e for e, _ in records[:n]]
+    records = [r for _, r in records]
     unrelated = [r["loc"].removeprefix("nq question: ") for r in records[n:n + n]]
     model, tokenizer = load_model(None)
     config = WiseConfig.for_model(model.config.model_type, **settings)
