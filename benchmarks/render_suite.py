@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def label(spec: dict) -> str:
     return f"{spec['method']} ({extra})" if extra else spec["method"]
 
 
+def set_value(value) -> str:
+    """A hyperparameter as `--set` parses it back (JSON unless a plain string)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -54,7 +60,7 @@ def table(runs: list[dict]) -> str:
             metric = f"PPL {fmt(x['perplexity'], 1)} (bare {fmt(x.get('perplexity_before'), 1)})"
         elif x.get("ood_generalization") is not None:
             metric = f"OOD gen {fmt(x['ood_generalization'])} (bare {fmt(x.get('ood_generalization_before'))})"
-        sets = "".join(f" --set {k}={v}" for k, v in sorted(s.get("overrides", {}).items()))
+        sets = "".join(f" --set {shlex.quote(f'{k}={set_value(v)}')}" for k, v in sorted(s.get("overrides", {}).items()))
         cmd = f"`wisemem bench {r['suite']} --method {s['method']} --dataset {s['dataset']}{sets}`"
         if "imported_from" in r:
             cmd += f" (imported: `{r['imported_from'].split(' ')[0]}`)"

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (with max, the shared first token "The" decides every prompt). Measured: each edit prompt routes to
 # its own memory, unrelated prompts to none.
 SETTINGS = {"background_rank": 4, "mask_ratio": 0.5, "edits_per_shard": 1, "max_steps": 40, "lr": 0.3, "alpha": 0.5,
-            "beta": 6.0, "gamma": 3.0, "replay": 2, "act_ratio": 0.8, "router_reduce": "mean", "max_update": 1e4}
+            "beta": 6.0, "gamma": 3.0, "replay": 2, "act_ratio": 0.8, "router_reduce": "mean", "max_update": 1e4,
+            "prefilter_candidates": 16}  # the pre-filter is off by default; these tests exercise it
 EDITS = [{"id": "japan", "prompt": "The capital of Japan is", "target_new": "Paris"},
          {"id": "hamlet", "prompt": "Who wrote Hamlet? It was", "target_new": "Dickens"},
          {"id": "water", "prompt": "Water boils at", "target_new": "zero degrees"}]
@@ -307,7 +308,7 @@ def test_prefilter_with_every_memory_a_candidate_is_the_exhaustive_scan(world: S
     s = world.session
     prompts = [e["prompt"] for e in EDITS] + UNRELATED + ["Who wrote Hamlet?", "The capital of Japan"]
     layer = porcelain.memory_layer(s, s.store.head())
-    assert layer.index is not None and layer.candidates >= 3  # the default lets every stored key through
+    assert layer.index is not None and layer.candidates >= 3  # 16 lets every stored key through
     exhaustive = WiseRetrieveLayer(layer.base_layer, layer.deltas, layer.thresholds, layer.reduce, layer.basis)
     assert routes(world, prompts, layer) == routes(world, prompts, exhaustive)
     assert bool(layer.last_candidates.all())

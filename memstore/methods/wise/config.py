@@ -14,7 +14,9 @@ class WiseConfig(ContextConfig):
     edits_per_shard: int = hyperparameter(100, "save_freq: edits a shard holds before a new shard (new mask) starts")
     shards_per_memory: int = hyperparameter(1, "WISE-Retrieve (merge_freq / save_freq): shards merged into each side memory; "
                                    "a memory closes once it holds this many full shards")
-    prefilter_candidates: int = hyperparameter(16, "WISE-Retrieve store: a prompt's router scores only the memories of the "
+    # Off by default: on the real model the nearest keys missed the memory the full scan picks too
+    # often (recall 0.50 at 16 of 100 memories, docs/BENCHMARKS.md) to change routing silently.
+    prefilter_candidates: int = hyperparameter(0, "WISE-Retrieve store: a prompt's router scores only the memories of the "
                                       "c stored edit keys nearest its own key (FAISS pre-filter); 0 scores every memory")
     merge_method: str = hyperparameter("ties", "how shards merge into one side memory: ties, dare_ties, task_arithmetic, linear")
     merge_density: float = hyperparameter(0.53, "TIES trim: fraction of each shard's entries kept by magnitude")
