@@ -289,8 +289,7 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
                     if not all(named) or named[0] == named[1]:
                         raise ConfigError(f"'{a}' and '{b}' must name two different memories of HEAD (shard ids "
                                           "from `wisemem show`), or two commits")
-                    spec = {"method": method, "params": {"seed": session.config.seed},
-                            "shard_params": [_shard_params(merger, w_a, density), _shard_params(merger, w_b, density)]}
+                    spec = _merge_spec(method, merger, session.config.seed, density, [w_a, w_b])
                     return _merge_memories(session, head, state, named, spec, message)
             ca, cb = store.resolve(a), store.resolve(b)
             if head != ca:
@@ -301,9 +300,7 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             only_b = [o for o in sb.shards if o not in sa.shards]
             if not only_b or store.is_ancestor(cb, ca):
                 raise NothingToCommit(f"{b} is already merged into {a}")
-            shard_params = [_shard_params(merger, w_a, density) for _ in only_a]
-            shard_params += [_shard_params(merger, w_b, density) for _ in only_b]
-            spec = {"method": method, "params": {"seed": session.config.seed}, "shard_params": shard_params}
+            spec = _merge_spec(method, merger, session.config.seed, density, [w_a] * len(only_a) + [w_b] * len(only_b))
             keys = _merged_keys(store, only_a + only_b)
             sources = only_a + only_b
             merged = merge_with_spec([load_tau(store, o) for o in sources], spec)
@@ -352,6 +349,11 @@ def _merge_memories(session: Session, head: str, state: MemoryState, pair: Seque
     retrieve_memory.write_head_index(store)
     return HistoryCommit(cid, head, None, [], len(state_edit_keys(store, new)), len(shards), new.threshold,
                          row["object_id"], spec)
+
+
+def _merge_spec(method: str, merger, seed: int, density: float | None, weights: Sequence[float]) -> dict[str, Any]:
+    """The recorded merge of shards with these weights (one per shard, in merge order)."""
+    return {"method": method, "params": {"seed": seed}, "shard_params": [_shard_params(merger, w, density) for w in weights]}
 
 
 def _shard_params(merger, weight: float, density: float | None) -> dict[str, Any]:

@@ -15,8 +15,9 @@ Routing keys (DESIGN.md principle 6): every shard's signature object holds its e
 edited layer's input on the prompt, background removed, mean over the prompt) in edit order.
 The key index of HEAD's memory, a FAISS index of those keys whose ids say memory and position
 (index.py `KeyIndex`), is derived data at index/routing-keys.faiss: written whenever HEAD moves
-(commit, merge, revert, checkout, reset), compared with the keys by fsck and when served, and
-rewritten by `wisemem index rebuild`.
+(commit, merge, revert, checkout, reset), compared with the keys by fsck, rewritten by
+`wisemem index rebuild`. Serving builds the same flat index from the keys themselves, so a
+stale or damaged file can never change a route.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def serving_layer(store: Store, base: nn.Module, state: MemoryState, config: Wis
     if not state.shards:
         return WiseRetrieveLayer(base, None, None, config.router_reduce, basis)
     deltas = torch.stack([load_tau(store, oid) for oid in state.shards]).to(device)  # (K, d_out, d_in)
-    index = serving_index(store, state, rows) if config.prefilter_candidates else None
+    # Built from the keys (the truth): a flat index builds as fast as its file reads.
+    index = state_index(store, state, rows) if config.prefilter_candidates else None
     return WiseRetrieveLayer(base, deltas, torch.tensor(thresholds(store, state, rows), device=device),
                              config.router_reduce, basis, index, config.prefilter_candidates)
 
@@ -127,13 +129,6 @@ def state_index(store: Store, state: MemoryState, rows: Rows = ()) -> KeyIndex:
             raise IntegrityError(f"shard {oid[:12]} has no routing keys; run `wisemem fsck`")
         keys.append(tensors["keys"])
     return KeyIndex.build(torch.cat(keys), key_ids([len(k) for k in keys]))
-
-
-def serving_index(store: Store, state: MemoryState, rows: Rows = ()) -> KeyIndex:
-    """The stored index when it holds exactly this state's keys (HEAD's, usually), else a fresh one."""
-    expected = state_index(store, state, rows)
-    stored = read_key_index(index_path(store))
-    return stored if stored is not None and stored.same_as(expected) else expected
 
 
 def write_head_index(store: Store) -> Path | None:

@@ -158,7 +158,7 @@ def test_protected_rows_see_the_served_memory(tiny_model):
     training.start_training(cols, editor.state.memory[:, cols])
     fixed = editor.state.memory.clone()
     fixed[:, cols] = 0
-    training.protect(editor.state.masks[:1], fixed)
+    training.read_per_row(editor.state.masks[:1], fixed)
     with mount_layer(model, editor.site, training):
         trained_view = model(input_ids=ids).logits
     training.stop_training()

@@ -47,7 +47,7 @@ class MemoirLayer(MemoryLayer):
         # Training state: the edit's columns and their trainable slice of W_m.
         self.train_cols: torch.Tensor | None = None
         self.train_slice: nn.Parameter | None = None
-        self.train_row_masks: torch.Tensor | None = None  # (B, d_in) per-row masks when earlier edits are protected
+        self.train_row_masks: torch.Tensor | None = None  # (B, d_in) per-row masks (several edits, or protected ones)
         self.train_fixed: torch.Tensor | None = None  # (d_out, d_in) W_m outside the trained columns
         self.last_overlap: torch.Tensor | None = None  # (B,) best overlap / k of the last routing
         self.last_match: torch.Tensor | None = None  # (B,) matched edit (−1: bare model)
@@ -57,8 +57,9 @@ class MemoirLayer(MemoryLayer):
         self.train_slice = nn.Parameter(init.clone())  # (d_out, k)
         return self.train_slice
 
-    def protect(self, row_masks: torch.Tensor, fixed: torch.Tensor) -> None:
-        """Train with a mask per row: the edit's rows use its mask, protected earlier edits theirs."""
+    def read_per_row(self, row_masks: torch.Tensor, fixed: torch.Tensor) -> None:
+        """Train with a mask per row (each edit's rows its mask, protected earlier edits theirs);
+        `fixed`: W_m with the trained columns zeroed, what rows read outside them."""
         self.train_row_masks, self.train_fixed = row_masks, fixed
 
     def stop_training(self) -> torch.Tensor:

@@ -111,9 +111,6 @@ class MemoirEditor(SequentialEditor):
     def batch_size(self) -> int:
         return self.config.edit_batch_size
 
-    def train_edit(self, layer: MemoirLayer, edit: Edit) -> EditStats:
-        return self.train_edits(layer, [edit])[0]
-
     def train_edits(self, layer: MemoirLayer, edits: Sequence[Edit]) -> list[EditStats]:
         """Train `edits` together (one edit: the published sequential step), each through its own mask."""
         cfg, start = self.config, time.perf_counter()
@@ -123,15 +120,19 @@ class MemoirEditor(SequentialEditor):
         protected = self._most_overlapping(masks)
         param = layer.start_training(cols, memory[:, cols])
         contexts = 1 + len(self.prefixes)
-        if protected or len(edits) > 1:  # each row reads through its own edit's mask; other columns stay fixed
+        # Rows of several edits, or protected earlier edits, each read through their own mask (the
+        # columns outside `cols` fixed); a lone edit's rows all read `cols`, the cheaper path.
+        if protected or len(edits) > 1:
             row_masks = torch.cat([masks.repeat_interleave(contexts, 0), self.state.masks[protected]])
             fixed = memory.clone()
             fixed[:, cols] = 0
-            layer.protect(row_masks.to(self.device), fixed)
+            layer.read_per_row(row_masks.to(self.device), fixed)
         opt = torch.optim.SGD([param], lr=cfg.lr)
         batch = self._edit_batch(edits, [self.edits[i] for i in protected])
         rows, pos, labels, _ = (t.to(self.device) for t in batch.target_positions())
         owner = torch.where(rows < len(edits) * contexts, rows // contexts, -1)  # edit of each target token, -1: protected
+        own = owner >= 0
+        tokens_per_edit = torch.bincount(owner[own], minlength=len(edits)).to(torch.float32)
         layer.routing.positions = batch.attention_mask.bool()
         captured = self.upper.capture(batch.input_ids, batch.attention_mask)
         losses, step = [float("inf")] * len(edits), 0
@@ -139,8 +140,8 @@ class MemoirEditor(SequentialEditor):
             opt.zero_grad(set_to_none=True)
             logits = self.upper.logits_at(captured, rows, pos)  # (P, V)
             token_ce = F.cross_entropy(logits, labels, reduction="none")
-            per_edit = torch.stack([token_ce[owner == j].mean() for j in range(len(edits))])
-            held = token_ce[owner < 0].mean() if protected else token_ce.new_zeros(())
+            per_edit = token_ce.new_zeros(len(edits)).index_add(0, owner[own], token_ce[own]) / tokens_per_edit
+            held = token_ce[~own].mean() if protected else token_ce.new_zeros(())
             losses = per_edit.detach().tolist()
             if max(*losses, float(held.detach())) <= cfg.stop_loss:
                 break

@@ -81,15 +81,18 @@ class WiseRetrieveLayer(MemoryLayer):
             return base
         a = self._read(x)
         held = self.routing.held
+        route = None
         if not self.routing.prefill and held is not None and held.shape[0] == x.shape[0]:
             choice = held.to(a.device)  # a generated token keeps its row's memory: nothing to score
         else:
-            choice = self._route(a)
+            route = self._route(a)
+            choice = route.choice
         self.last_choice = choice
         out = base
         for j in choice[choice >= 0].unique().tolist():  # each memory once, on the rows routed to it
             rows = (choice == j).nonzero().squeeze(1)
-            side = torch.matmul(a[rows], self.deltas[j].t())  # (R, T, d_out)
+            # Scoring already computed tau_j a for the prompt: reuse it; a held step computes it here.
+            side = route.side(j)[rows] if route is not None else torch.matmul(a[rows], self.deltas[j].t())
             out = out.index_add(0, rows.to(base.device), side.to(base.dtype))
         return out
 
@@ -103,16 +106,21 @@ class WiseRetrieveLayer(MemoryLayer):
     def row_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K) activation score of each row of input x (B, T, d_in) under every memory, reduced
         over the row's routing positions (what the router compares with the thresholds)."""
-        return self._scores(self._read(x), torch.arange(self.n_memories))
+        return self._row_scores(self._sides(self._read(x), torch.arange(self.n_memories)))
 
-    def _scores(self, a: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
-        """(B, M) row scores of the given memories on `a`, the input as the memories read it."""
+    def _sides(self, a: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """(B, T, M, d_out): tau_j a for the given memories on `a`, the input as the memories read it."""
         K, d_out, d_in = self.deltas.shape
         if len(memories) == K:  # every memory: one matmul against the stacked (K * d_out, d_in) deltas
-            side = torch.matmul(a, self.deltas.reshape(K * d_out, d_in).t()).unflatten(-1, (K, d_out))
-            scores = side.norm(dim=-1).transpose(1, 2)  # (B, K, T)
-        else:  # a few candidates: one matmul each, rather than copying their deltas out of the stack
-            scores = torch.stack([torch.matmul(a, self.deltas[j].t()).norm(dim=-1) for j in memories.tolist()], 1)
+            return torch.matmul(a, self.deltas.reshape(K * d_out, d_in).t()).unflatten(-1, (K, d_out))
+        if not len(memories):
+            return a.new_zeros(*a.shape[:2], 0, d_out)
+        # a few candidates: one matmul each, rather than copying their deltas out of the stack
+        return torch.stack([torch.matmul(a, self.deltas[j].t()) for j in memories.tolist()], 2)
+
+    def _row_scores(self, sides: torch.Tensor) -> torch.Tensor:
+        """(B, M) row scores from per-memory outputs (B, T, M, d_out)."""
+        scores = sides.norm(dim=-1).transpose(1, 2)  # (B, M, T)
         return reduce_scores(scores, self.route_positions(scores[:, 0])[:, None], self.reduce)
 
     def candidate_mask(self, a: torch.Tensor) -> torch.Tensor:
@@ -129,29 +137,44 @@ class WiseRetrieveLayer(MemoryLayer):
         return mask[:, :K].to(a.device)
 
     @torch.no_grad()
-    def _route(self, a: torch.Tensor) -> torch.Tensor:
-        """(B,) memory per row (-1: none) from the prompt's scores; held for the generated tokens."""
-        choice, self.last_candidates, self.last_row_scores = self.decide(a)
+    def _route(self, a: torch.Tensor) -> Route:
+        """The prompt's route (memory per row, -1: none); held for the generated tokens."""
+        route = self.decide(a)
+        self.last_candidates, self.last_row_scores = route.candidates, route.scores
         if self.routing.prefill:
-            self.routing.held = choice
-        return choice
+            self.routing.held = route.choice
+        return route
 
     @torch.no_grad()
-    def decide(self, a: torch.Tensor, prefilter: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(choice (B,), candidates (B, K), row scores (B, K); 0 where not scored) for rows `a` as
-        the memories read them; `prefilter=False` scores every memory (the exhaustive scan)."""
+    def decide(self, a: torch.Tensor, prefilter: bool = True) -> Route:
+        """The route of rows `a` (as the memories read them); `prefilter=False` scores every memory
+        (the exhaustive scan)."""
         allowed = self.candidate_mask(a) if prefilter else torch.ones(a.shape[0], self.n_memories, dtype=torch.bool,
                                                                        device=a.device)
         scored = allowed.any(0).nonzero().squeeze(1)  # the memories any row of the batch may use
+        sides = self._sides(a, scored)
         row = a.new_zeros(a.shape[0], self.n_memories)
         if len(scored):
-            row[:, scored] = self._scores(a, scored)
+            row[:, scored] = self._row_scores(sides)
         thresholds = self.thresholds.to(row.device, row.dtype)
         above = (row > thresholds) & allowed  # an infinite threshold (a memory with no edits) never fires
         # Normalised by its own threshold: memories trained to different score scales compete fairly.
         ratio = torch.where(above, row / thresholds, torch.full_like(row, -math.inf))
         choice = torch.where(above.any(-1), ratio.argmax(-1), torch.full_like(ratio[:, 0], -1, dtype=torch.long))
-        return choice, allowed, row
+        return Route(choice, allowed, row, scored, sides)
+
+
+@dataclass
+class Route:
+    choice: torch.Tensor  # (B,) memory per row, -1: none
+    candidates: torch.Tensor  # (B, K) memories each row was allowed (the pre-filter's pick)
+    scores: torch.Tensor  # (B, K) row scores, 0 where not scored
+    scored: torch.Tensor  # (M,) the memories scored, in `sides` order
+    sides: torch.Tensor  # (B, T, M, d_out) tau_j a of each scored memory
+
+    def side(self, memory: int) -> torch.Tensor:
+        """(B, T, d_out) the output of one scored memory (a chosen memory always is)."""
+        return self.sides[:, :, int((self.scored == memory).nonzero()[0, 0])]
 
 
 @dataclass
@@ -173,7 +196,7 @@ def prefilter_recall(model: nn.Module, tokenizer, site: EditSite, layer: WiseRet
     texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
     for acts in module_inputs(model, tokenizer, site, texts):  # (T, d_in) each, prompt tokens only
         a = layer._read(acts[None].to(layer.deltas.device))
-        exact = int(layer.decide(a, prefilter=False)[0][0])
+        exact = int(layer.decide(a, prefilter=False).choice[0])
         if exact >= 0:
             routed += 1
             hits += bool(layer.candidate_mask(a)[0, exact])
