@@ -22,6 +22,7 @@ from memstore.errors import ConfigError
 from memstore.evaluate.datasets import FAMILIES, detect_family, family_of_records, resolve_family
 from memstore.evaluate.metrics import (
     confident_fraction,
+    distinct,
     normalize_answer,
     perplexity,
     read_passages,
@@ -101,6 +102,15 @@ def test_score_rows_nll_perplexity_and_ood() -> None:
     # OOD generalisation: fraction of tokens with p > 0.8, per row
     assert got.confident() == pytest.approx([0.0, 1.0, 0.0])
     assert got.confident(0.6) == pytest.approx([0.5, 1.0, 0.0])
+
+
+def test_repeated_rows_are_scored_once_and_given_back_in_place() -> None:
+    items, rows_of = distinct([("a", "x"), ("b", "y"), ("a", "x"), ("a", "z")])
+    assert items == [("a", "x"), ("b", "y"), ("a", "z")] and rows_of == [0, 1, 0, 2]
+    model, tok = BigramModel(), SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    got = score_rows(model, tok, [([3], [0, 1]), ([1], [2, 3, 3])]).take([1, 0, 1])
+    assert got.predicted == [[0, 0, 0], [0, 1], [0, 0, 0]] and got.targets[0] == [2, 3, 3]
+    assert got.nll[0] == got.nll[2] and len(got.nll) == 3
 
 
 def test_read_passages_scores_every_token_after_the_first() -> None:

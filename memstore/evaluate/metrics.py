@@ -43,6 +43,11 @@ class TokenPredictions:
     def confident(self, p: float = CONFIDENT) -> list[float]:
         return [confident_fraction(row, p) for row in self.nll]
 
+    def take(self, rows: Sequence[int]) -> TokenPredictions:
+        """These predictions' rows in the order given (repeats allowed)."""
+        return TokenPredictions([self.predicted[i] for i in rows], [self.targets[i] for i in rows],
+                                [self.nll[i] for i in rows] if self.nll else [])
+
 
 def perplexity(nll: Sequence[float]) -> float:
     """exp(mean token NLL) of one row; NaN for a row without target tokens."""
@@ -102,10 +107,18 @@ def score_rows(model, tokenizer, rows: Sequence[tuple[list[int], list[int]]], ha
 
 def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], handle: MountHandle | None = None,
                    *, chat_template: bool = False, batch_size: int = 16, memory: bool = True) -> TokenPredictions:
-    """`prompt + " " + target` rows, routed on the prompt (ALGORITHMS.md §4)."""
-    rows = [(prompt_ids(tokenizer, p, chat_template), target_ids(tokenizer, t, chat_template))
-            for p, t in zip(prompts, targets)]
-    return score_rows(model, tokenizer, rows, handle, memory=memory, batch_size=batch_size)
+    """`prompt + " " + target` rows, routed on the prompt (ALGORITHMS.md §4). A pair given more
+    than once (cycled data) is scored once: the memory is fixed here, so each copy scores the same."""
+    pairs, rows_of = distinct(list(zip(prompts, targets)))
+    rows = [(prompt_ids(tokenizer, p, chat_template), target_ids(tokenizer, t, chat_template)) for p, t in pairs]
+    return score_rows(model, tokenizer, rows, handle, memory=memory, batch_size=batch_size).take(rows_of)
+
+
+def distinct(items: Sequence) -> tuple[list, list[int]]:
+    """The distinct items in first-seen order, and for each item given the position of its copy."""
+    first: dict = {}
+    rows_of = [first.setdefault(item, len(first)) for item in items]
+    return list(first), rows_of
 
 
 def read_passages(model, tokenizer, passages: Sequence[str], handle: MountHandle | None = None, *,

@@ -25,7 +25,7 @@ from ..model import EditSite
 from ..mount import mount_layer
 from ..prompting import target_ids
 from .datasets import FAMILIES, Family
-from .metrics import exact_match, generate_answers, locality, mean, read_passages, teacher_forced, token_f1
+from .metrics import distinct, exact_match, generate_answers, locality, mean, read_passages, teacher_forced, token_f1
 
 NAN = math.nan
 FAMILY_KEYS = ("perplexity", "perplexity_before", "ood_generalization", "ood_generalization_before")
@@ -135,9 +135,13 @@ def _mean_defined(values: Sequence[float]) -> float:
 
 def _generated(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], chat_template: bool,
                batch_size: int) -> tuple[float, float]:
-    """Exact match and token F1 of greedy answers (as many tokens as the target) from the prompts alone."""
-    n_new = [len(target_ids(tokenizer, t, chat_template)) for t in targets]
-    answers = generate_answers(model, tokenizer, prompts, n_new, chat_template=chat_template, batch_size=batch_size)
+    """Exact match and token F1 of greedy answers (as many tokens as the target) from the prompts alone
+    (a pair given more than once is decoded once)."""
+    pairs, rows_of = distinct(list(zip(prompts, targets)))
+    n_new = [len(target_ids(tokenizer, t, chat_template)) for _, t in pairs]
+    unique = generate_answers(model, tokenizer, [p for p, _ in pairs], n_new, chat_template=chat_template,
+                              batch_size=batch_size)
+    answers = [unique[i] for i in rows_of]
     return (mean([float(exact_match(a, t)) for a, t in zip(answers, targets)]),
             mean([token_f1(a, t) for a, t in zip(answers, targets)]))
 
