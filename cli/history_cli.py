@@ -51,7 +51,8 @@ def status(store: Optional[str] = StoreOpt, json_out: bool = JsonOpt) -> None:
     if json_out:
         return render.emit_json(r)
     where = f"on branch {r.branch}" if r.branch else "HEAD detached"
-    render.out.print(f"{where} at {_short(r.head)}: {r.live_edits} live edit(s) in {r.shards} shard(s)")
+    render.out.print(f"{where} at {_short(r.head)}: {r.live_edits} live edit(s) in {r.shards} shard(s)"
+                     + (f", {r.memories} memories" if r.method == "wise-retrieve" else "") + f" ({r.method} store)")
     render.out.print(f"mounted: {r.mounted}" + (f" ({_short(r.mounted_commit)})" if r.mounted != "none" else ""))
     if r.staged is None:
         render.out.print("nothing staged")

@@ -23,6 +23,7 @@ from .memory import (
     commit_state,
     edits_for,
     load_tau,
+    memory_count,
     put_merged,
     rebuild_without,
     shard_meta,
@@ -40,6 +41,7 @@ from .porcelain import (
     CommitInfo,
     Session,
     background_prompts,
+    binding_config,
     commit_info,
     mounted_commit,
     routing_of,
@@ -103,6 +105,8 @@ class StatusResult:
     live_edits: int
     shards: int
     staged: dict[str, Any] | None
+    method: str = "wise"  # the store kind: wise (WISE-Merge), wise-retrieve or memoir
+    memories: int = 0  # side memories HEAD serves (wise-retrieve: one per top-level shard)
 
 
 def status(path: str | os.PathLike | None = None) -> StatusResult:
@@ -118,8 +122,10 @@ def status(path: str | os.PathLike | None = None) -> StatusResult:
                            "stale": staged["parent_id"] != head, "metrics": json.loads(staged["metrics_json"]),
                            "live_edits": len(state_edit_keys(store, st)), "created_at": staged["created_at"]}
         branch = store.head_branch()
+        method = binding_config(store).get("method", "wise")
         return StatusResult(branch[len(BRANCH_PREFIX):] if branch else None, head, what, mcid,
-                            len(state_edit_keys(store, state)), len(state.shards), staged_info)
+                            len(state_edit_keys(store, state)), len(state.shards), staged_info, method,
+                            memory_count(method, state))
 
 
 # ---- diff ----------------------------------------------------------------------------------------

@@ -333,6 +333,9 @@ def test_cli_init_show_log_fsck_and_index_rebuild(world: Store, tiny, tmp_path: 
     data = json.loads(logged.stdout)
     jsonschema.validate(data, json.loads((ROOT / "schemas" / "log.schema.json").read_text()))
     assert [c["memories"] for c in data] == [3, 2, 1] and {c["method"] for c in data} == {"wise-retrieve"}
+    status = run("status", "--json", "--store", path)
+    jsonschema.validate(json.loads(status.stdout), json.loads((ROOT / "schemas" / "status.schema.json").read_text()))
+    assert json.loads(status.stdout)["memories"] == 3 and "3 memories" in run("status", "--store", path).stdout
     (path / "index" / "routing-keys.faiss").unlink()
     broken = run("fsck", "--store", path)
     assert broken.returncode == 1 and "routing-keys.faiss" in broken.stdout, broken
