@@ -28,11 +28,9 @@ import torch  # noqa: E402
 
 from memstore.edits import edit_from_record  # noqa: E402
 from memstore.errors import EditFileError  # noqa: E402
-from memstore.index import KeyIndex, key_ids  # noqa: E402
-from memstore.methods.upper import module_inputs  # noqa: E402
 from memstore.methods.wise import WiseConfig, WiseRetrieveEditor  # noqa: E402
 from memstore.methods.wise.method import generate_prefixes  # noqa: E402
-from memstore.methods.wise.retrieve import prefilter_recall  # noqa: E402
+from memstore.methods.wise.retrieve import prefilter_recall, routing_inputs  # noqa: E402
 from memstore.model import find_edit_site, load_model  # noqa: E402
 from memstore.porcelain import parse_overrides  # noqa: E402
 
@@ -42,21 +40,9 @@ CANDIDATES = (1, 4, 8, 16, 32, 64)
 
 
 @torch.no_grad()
-def keys_of(editor: WiseRetrieveEditor, prompts: list[str]) -> torch.Tensor:
-    """(N, d_in): each prompt's routing key, as stores keep them (porcelain.with_routing)."""
-    out = []
-    for acts in module_inputs(editor.model, editor.tokenizer, editor.site, prompts):
-        acts = acts.float()
-        if editor.basis is not None:
-            acts = acts - (acts @ editor.basis) @ editor.basis.t()
-        out.append(acts.mean(0))
-    return torch.stack(out)
-
-
-@torch.no_grad()
 def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefilter: bool) -> float:
     """Mean seconds per query of the routing decision alone (inputs captured beforehand)."""
-    reads = [layer._read(a[None]) for a in module_inputs(editor.model, editor.tokenizer, editor.site, prompts)]
+    reads = [a[None] for a in routing_inputs(editor.model, editor.tokenizer, editor.site, prompts, editor.basis)]
     layer.routing.reset()
     start = time.perf_counter()
     for a in reads:
@@ -67,7 +53,8 @@ def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefi
 def main() -> None:
     args = parse_overrides(sys.argv[1:])
     n = int(args.pop("T", 400))
-    settings = {"edits_per_shard": 4, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args}
+    settings = {"edits_per_shard": 4, "prefix_seeds": [], "max_steps": 10, "replay": 0, **args,
+                "prefilter_candidates": CANDIDATES[0]}  # the layer gets its key index; each row sets its own C
     records = []
     for r in json.load(open(DATA)):
         try:  # two ZsRE records have an empty target: skipped, as `wisemem eval` does
@@ -89,8 +76,6 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     layer = editor.layer()
     counts = [sum(len(s.edits) for s in group) for group in editor.memories()]
-    index = KeyIndex.build(keys_of(editor, [e.prompt for e in editor.all_edits()]), key_ids(counts))
-    layer.index = index
     groups = {"edit": [e.prompt for e in edits], "rephrase": [e.rephrase_prompt for e in edits],
               "unrelated": unrelated}
     rows = []

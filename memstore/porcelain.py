@@ -35,9 +35,9 @@ from .memory import (
 )
 from .methods.base import MemoryLayer
 from .methods.memoir import MemoirEditor, MemoirState
-from .methods.upper import module_inputs
 from .methods.wise import WiseEditor, WiseLayer, WiseRetrieveEditor, merge_shards, shard_mask
 from .methods.wise.method import Shard, router_threshold
+from .methods.wise.retrieve import routing_inputs
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash, weight_matrix
 from .mount import mount_layer
 from .prompting import format_prompt
@@ -338,10 +338,7 @@ def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits
     tau = tau.to(next(session.model.parameters()).device)
     prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
     keys, scores = [], []
-    for acts in module_inputs(session.model, session.tokenizer, session.site, prompts):
-        acts = acts.float()
-        if session.basis is not None:
-            acts = acts - (acts @ session.basis) @ session.basis.t()
+    for acts in routing_inputs(session.model, session.tokenizer, session.site, prompts, session.basis):
         keys.append(acts.mean(0))
         token_scores = (acts @ tau.t()).norm(dim=-1)  # (T,)
         scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())

@@ -5,6 +5,7 @@ and the margin's replay negatives come from other memories' edits."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from memstore.methods.wise import (
     WiseRetrieveLayer,
 )
 from memstore.methods.wise.method import TrainBatch
+from memstore.methods.wise.retrieve import routing_inputs
 from memstore.model import find_edit_site
 from memstore.mount import mount_layer
 from memstore.prompting import pad_batch
@@ -189,3 +191,22 @@ def test_replay_negatives_come_from_other_memories(tiny_model):
     for ours, wise in zip(editor._objective(first, torch.ones(n1), scores),
                           WiseEditor._objective(editor, first, torch.ones(n1), scores)):
         torch.testing.assert_close(ours, wise)
+
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_eval_layer_serves_the_key_prefilter_when_asked(two_memories, model_type):
+    """`wisemem eval --method wise-retrieve --set prefilter_candidates=C`: the editor's layer carries
+    a key index of its edits (ids memory << 32 | position), and with C=1 the prompt of a stored edit
+    may use only its own memory; off (C=0, the default) there is no index and every memory is scored."""
+    editor, exhaustive = two_memories[model_type]
+    assert exhaustive.index is None and exhaustive.candidates == 0
+    editor.config = dataclasses.replace(CONFIG, prefilter_candidates=1)
+    try:
+        layer = editor.layer()
+    finally:
+        editor.config = CONFIG
+    assert layer.candidates == 1 and [int(i) for i in layer.index.ids] == [0, 1 << 32]
+    for memory, edit in enumerate(EDITS[:2]):
+        (a,) = routing_inputs(editor.model, TOK, editor.site, [edit.prompt], editor.basis)
+        assert layer.candidate_mask(a[None])[0].tolist() == [m == memory for m in range(2)]

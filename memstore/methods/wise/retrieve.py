@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...edits import Edit
-from ...index import KeyIndex
+from ...index import KeyIndex, key_ids
 from ...model import EditSite
 from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids
 from ..base import MemoryLayer
@@ -304,11 +304,33 @@ class WiseRetrieveEditor(WiseEditor):
                                 cfg.router_reduce, self.basis)
 
     def layer(self) -> WiseRetrieveLayer:  # type: ignore[override]
-        base = self.site.module(self.model)
+        """The memories, served; with `prefilter_candidates` > 0, behind a key index of every edit."""
+        base, cfg = self.site.module(self.model), self.config
         groups = self.memories()
         if not groups:
-            return WiseRetrieveLayer(base, None, None, self.config.router_reduce, self.basis)
+            return WiseRetrieveLayer(base, None, None, cfg.router_reduce, self.basis)
         deltas = self.memory_deltas()
-        thresholds = [self.memory_threshold(d, [e for s in g for e in s.edits]) for d, g in zip(deltas, groups)]
+        edits = [[e for s in g for e in s.edits] for g in groups]
+        thresholds = [self.memory_threshold(d, es) for d, es in zip(deltas, edits)]
+        index = None
+        if cfg.prefilter_candidates:
+            prompts = [format_prompt(self.tokenizer, e.prompt, cfg.chat_template) for es in edits for e in es]
+            keys = routing_keys(self.model, self.tokenizer, self.site, prompts, self.basis)
+            index = KeyIndex.build(torch.stack(keys), key_ids([len(es) for es in edits]))
         return WiseRetrieveLayer(base, torch.stack(deltas), torch.tensor(thresholds, device=deltas[0].device),
-                                 self.config.router_reduce, self.basis)
+                                 cfg.router_reduce, self.basis, index, cfg.prefilter_candidates)
+
+
+@torch.no_grad()
+def routing_inputs(model, tokenizer, site: EditSite, texts: Sequence[str], basis: torch.Tensor | None):
+    """Per (formatted) prompt, the edited layer's input on its tokens (T, d_in) as the memories read
+    it: float, background directions removed."""
+    for acts in module_inputs(model, tokenizer, site, texts):
+        acts = acts.float()
+        yield acts - (acts @ basis) @ basis.t() if basis is not None else acts
+
+
+def routing_keys(model, tokenizer, site: EditSite, texts: Sequence[str], basis: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each prompt's routing key: the mean over its tokens of `routing_inputs` (what a store's
+    signature objects keep and the key index searches)."""
+    return [a.mean(0) for a in routing_inputs(model, tokenizer, site, texts, basis)]
