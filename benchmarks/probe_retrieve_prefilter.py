@@ -1,18 +1,19 @@
 """WISE-Retrieve's FAISS pre-filter against the exhaustive scan, on the real model.
 
 Trains K side memories with WiseRetrieveEditor (the library path `wisemem eval --method
-wise-retrieve` uses), in a cheap configuration: the pre-filter's recall depends on where the
-routing keys lie and on which memory the exact check picks, not on how well each edit is learnt,
-so the prompt alone (no context prefixes), few steps and small shards make many memories
-affordable on a CPU. Then, for prompts of three kinds (edit prompts, their rephrases, unrelated
-ZsRE locality questions) and c candidate keys: the recall (queries whose exhaustive top-1 memory
-is among the pre-filter's candidates, of the queries the exhaustive scan routes anywhere), how often
-the two routes agree, and the routing time per query (pre-filter + exact check on the candidates vs
-exact check on every memory).
+wise-retrieve` uses) on the prompt alone (no context prefixes, to afford many memories on a CPU;
+steps, replay and shard size are arguments). Then, for prompts of three kinds (edit prompts,
+their rephrases, unrelated ZsRE locality questions) and c candidate keys: the recall (queries
+whose exhaustive top-1 memory is among the pre-filter's candidates, of the queries the exhaustive
+scan routes anywhere), how often each route sends an edit's prompt or rephrase to the memory that
+holds the edit, and the routing time per query (pre-filter + exact check on the candidates vs
+exact check on every memory); and Rel / Gen / Loc of the memories served by each route.
 
-Run (from /work/main):
-  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/probe_retrieve_prefilter.py [T=400] [edits_per_shard=4] \
-      > benchmarks/results/retrieve_prefilter.json
+Run (from /work/main), the two settings in docs/BENCHMARKS.md:
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_retrieve_prefilter.py T=400 edits_per_shard=4 \
+      > benchmarks/results/retrieve_prefilter.json      (100 memories, 10 steps, no replay)
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_retrieve_prefilter.py T=100 edits_per_shard=5 max_steps=30 \
+      replay=4 > benchmarks/results/retrieve_prefilter_trained.json      (20 memories, WISE's steps and replay)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 
 from memstore.edits import edit_from_record  # noqa: E402
 from memstore.errors import EditFileError  # noqa: E402
+from memstore.evaluate.runner import evaluate_memory  # noqa: E402
 from memstore.methods.wise import WiseConfig, WiseRetrieveEditor  # noqa: E402
 from memstore.methods.wise.method import generate_prefixes  # noqa: E402
 from memstore.methods.wise.retrieve import prefilter_recall, routing_inputs  # noqa: E402
@@ -37,6 +39,7 @@ from memstore.porcelain import parse_overrides  # noqa: E402
 DATA = "../shared/data/zsre/zsre_mend_eval.0-999.json"
 IRRELEVANT = "../shared/data/zsre/zsre_mend_train-1k.json"
 CANDIDATES = (1, 4, 8, 16, 32, 64)
+EVALUATED = (1, 4)  # candidate counts whose Rel / Gen / Loc are measured beside the exhaustive scan's (0)
 
 
 @torch.no_grad()
@@ -48,6 +51,19 @@ def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefi
     for a in reads:
         layer.decide(a, prefilter=prefilter)
     return (time.perf_counter() - start) / len(reads)
+
+
+@torch.no_grad()
+def right_memory(editor: WiseRetrieveEditor, layer, prompts: list[str], owners: list[int]) -> dict[str, float]:
+    """Fraction of prompts routed to the memory holding their edit: by the exhaustive scan and
+    with the pre-filter (the exact check deciding among the candidates)."""
+    reads = [a[None] for a in routing_inputs(editor.model, editor.tokenizer, editor.site, prompts, editor.basis)]
+    layer.routing.reset()
+    out = {}
+    for name, prefilter in (("exhaustive", False), ("prefiltered", True)):
+        chosen = [int(layer.decide(a, prefilter=prefilter).choice[0]) for a in reads]
+        out[name] = sum(c == o for c, o in zip(chosen, owners)) / len(owners)
+    return out
 
 
 def main() -> None:
@@ -85,13 +101,23 @@ def main() -> None:
         for name, prompts in groups.items():
             r = prefilter_recall(model, tokenizer, site, layer, prompts)
             row[name] = {"recall": r.recall, "routed": r.routed, "queries": r.queries}
+        owners = editor.edit_owners()
+        row["right_memory"] = {name: right_memory(editor, layer, groups[name], owners) for name in ("edit", "rephrase")}
         row["seconds_per_query_prefilter"] = routing_seconds(editor, layer, groups["edit"], True)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     exhaustive = routing_seconds(editor, layer, groups["edit"], False)
+    # What the route does to the edits: Rel / Gen / Loc of the same memories, scanned or pre-filtered.
+    quality = []
+    for c in (0, *EVALUATED):
+        layer.candidates = c
+        r = evaluate_memory(model, tokenizer, site, layer, edits, generation=False, family="zsre")
+        quality.append({"candidates": c, "reliability": r.reliability, "generalization": r.generalization,
+                        "locality": r.locality})
+        print(json.dumps(quality[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"T": n, "memories": len(counts), "settings": settings, "train_seconds": train_seconds,
-                      "threads": torch.get_num_threads(), "seconds_per_query_exhaustive": exhaustive, "rows": rows},
-                     indent=2))
+                      "threads": torch.get_num_threads(), "seconds_per_query_exhaustive": exhaustive, "rows": rows,
+                      "quality": quality}, indent=2))
 
 
 if __name__ == "__main__":

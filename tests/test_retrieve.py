@@ -26,8 +26,9 @@ from memstore.prompting import pad_batch
 
 TOK = CharTokenizer()
 # Large steps and small margins: a random tiny model has tiny activations (as in test_methods.py).
+# prefilter_candidates 0: these tests are about the exhaustive route (the key pre-filter: the last test).
 CONFIG = WiseConfig(background_rank=4, mask_ratio=0.5, edits_per_shard=1, max_steps=80, lr=0.3, alpha=0.5,
-                    beta=6.0, gamma=3.0, replay=2, act_ratio=0.5, max_update=1e4)
+                    beta=6.0, gamma=3.0, replay=2, act_ratio=0.5, max_update=1e4, prefilter_candidates=0)
 
 
 def make_editor(model, config: WiseConfig = CONFIG) -> WiseRetrieveEditor:
@@ -195,13 +196,14 @@ def test_replay_negatives_come_from_other_memories(tiny_model):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt"])
-def test_eval_layer_serves_the_key_prefilter_when_asked(two_memories, model_type):
-    """`wisemem eval --method wise-retrieve --set prefilter_candidates=C`: the editor's layer carries
-    a key index of its edits (ids memory << 32 | position), and with C=1 the prompt of a stored edit
-    may use only its own memory; off (C=0, the default) there is no index and every memory is scored."""
+def test_eval_layer_serves_the_key_prefilter_by_default(two_memories, model_type):
+    """`wisemem eval --method wise-retrieve`: the editor's layer carries a key index of its edits
+    (ids memory << 32 | position), and with C=1 (the default) the prompt of a stored edit may use
+    only its own memory; with C=0 there is no index and every memory is scored."""
     editor, exhaustive = two_memories[model_type]
     assert exhaustive.index is None and exhaustive.candidates == 0
-    editor.config = dataclasses.replace(CONFIG, prefilter_candidates=1)
+    assert WiseConfig().prefilter_candidates == 1
+    editor.config = dataclasses.replace(CONFIG, prefilter_candidates=WiseConfig().prefilter_candidates)
     try:
         layer = editor.layer()
     finally:

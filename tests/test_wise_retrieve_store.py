@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # its own memory, unrelated prompts to none.
 SETTINGS = {"background_rank": 4, "mask_ratio": 0.5, "edits_per_shard": 1, "max_steps": 40, "lr": 0.3, "alpha": 0.5,
             "beta": 6.0, "gamma": 3.0, "replay": 2, "act_ratio": 0.8, "router_reduce": "mean", "max_update": 1e4,
-            "prefilter_candidates": 16}  # the pre-filter is off by default; these tests exercise it
+            "prefilter_candidates": 16}  # as many candidates as memories: routes equal the exhaustive scan's
 EDITS = [{"id": "japan", "prompt": "The capital of Japan is", "target_new": "Paris"},
          {"id": "hamlet", "prompt": "Who wrote Hamlet? It was", "target_new": "Dickens"},
          {"id": "water", "prompt": "Water boils at", "target_new": "zero degrees"}]

@@ -14,10 +14,12 @@ class WiseConfig(ContextConfig):
     edits_per_shard: int = hyperparameter(100, "save_freq: edits a shard holds before a new shard (new mask) starts")
     shards_per_memory: int = hyperparameter(1, "WISE-Retrieve (merge_freq / save_freq): shards merged into each side memory; "
                                    "a memory closes once it holds this many full shards")
-    # Off by default: on the real model the nearest keys missed the memory the full scan picks too
-    # often (recall 0.50 at 16 of 100 memories, docs/BENCHMARKS.md) to change routing silently.
-    prefilter_candidates: int = hyperparameter(0, "WISE-Retrieve store: a prompt's router scores only the memories of the "
-                                      "c stored edit keys nearest its own key (FAISS pre-filter); 0 scores every memory")
+    # 1 by default: on the real model the full scan sends most prompts to some other memory (37% of
+    # edit prompts to their own at 20 memories); the nearest stored key finds the edit's memory and the
+    # exact check still gates it: Rel 0.55 -> 1.00, Gen 0.36 -> 0.60, Loc kept (docs/BENCHMARKS.md).
+    prefilter_candidates: int = hyperparameter(1, "WISE-Retrieve: a prompt's router scores only the memories of the "
+                                      "c stored edit keys nearest its own key (FAISS pre-filter); 0 scores every memory "
+                                      "(the published exhaustive route)")
     merge_method: str = hyperparameter("ties", "how shards merge into one side memory: ties, dare_ties, task_arithmetic, linear")
     merge_density: float = hyperparameter(0.53, "TIES trim: fraction of each shard's entries kept by magnitude")
     optimizer: str = hyperparameter("adam", "optimiser of the side memory: sgd (as the reference) or adam")

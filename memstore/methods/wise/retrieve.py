@@ -15,8 +15,9 @@ memory 57% -> 90% of edit prompts at T=30).
 Pre-filter (DESIGN.md principle 6): with a `KeyIndex` of the stored edits' routing keys, a row
 scores only the memories of the `candidates` stored keys nearest its own key (mean of its prompt's
 inputs, background removed) and the exact score check decides among those; no index, or
-candidates 0, scores every memory. A held row (a generated token) scores nothing: it computes only
-the memory it was routed to.
+candidates 0, scores every memory. One candidate is the default: on the embedded model the
+nearest key names the edit's memory far more often than the scores do (docs/BENCHMARKS.md).
+A held row (a generated token) scores nothing: it computes only the memory it was routed to.
 Run: `wisemem eval DATA -T 30 --method wise-retrieve --set edits_per_shard=10`; a store:
 `wisemem init --method wise-retrieve` (memstore/retrieve_memory.py).
 """
