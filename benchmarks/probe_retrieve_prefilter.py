@@ -31,8 +31,8 @@ from memstore.edits import edit_from_record  # noqa: E402
 from memstore.errors import EditFileError  # noqa: E402
 from memstore.evaluate.runner import evaluate_memory  # noqa: E402
 from memstore.methods.wise import WiseConfig, WiseRetrieveEditor  # noqa: E402
-from memstore.methods.wise.method import generate_prefixes  # noqa: E402
-from memstore.methods.wise.retrieve import prefilter_recall, routing_inputs  # noqa: E402
+from memstore.methods.wise.method import generate_prefixes, routing_inputs  # noqa: E402
+from memstore.methods.wise.retrieve import prefilter_recall  # noqa: E402
 from memstore.model import find_edit_site, load_model  # noqa: E402
 from memstore.porcelain import parse_overrides  # noqa: E402
 

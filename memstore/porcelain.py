@@ -36,8 +36,7 @@ from .memory import (
 from .methods.base import MemoryLayer
 from .methods.memoir import MemoirEditor, MemoirState
 from .methods.wise import WiseEditor, WiseLayer, WiseRetrieveEditor, merge_shards, shard_mask
-from .methods.wise.method import Shard, router_threshold
-from .methods.wise.retrieve import routing_inputs
+from .methods.wise.method import Shard, router_threshold, routing_inputs, scores_of, threshold_of
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash, weight_matrix
 from .mount import mount_layer
 from .prompting import format_prompt
@@ -337,14 +336,11 @@ def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits
     store, cfg = session.store, session.config
     tau = tau.to(next(session.model.parameters()).device)
     prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
-    keys, scores = [], []
-    for acts in routing_inputs(session.model, session.tokenizer, session.site, prompts, session.basis):
-        keys.append(acts.mean(0))
-        token_scores = (acts @ tau.t()).norm(dim=-1)  # (T,)
-        scores.append(token_scores.max() if cfg.router_reduce == "max" else token_scores.mean())
+    reads = list(routing_inputs(session.model, session.tokenizer, session.site, prompts, session.basis))
+    keys = [acts.mean(0) for acts in reads]
     signature = store.objects.put_tensors({"centroid": torch.stack(keys).mean(0).cpu(), "keys": torch.stack(keys).cpu()},
                                           {"kind": "wise-router-signature", "shard": row["object_id"]})
-    return {**row, "threshold": float(torch.stack(scores).min()) * cfg.act_ratio, "signature": signature}
+    return {**row, "threshold": threshold_of(scores_of(reads, tau, cfg.router_reduce), cfg.act_ratio), "signature": signature}
 
 
 def routing_of(session: Session, known: Sequence[Edit] = ()) -> retrieve_memory.RoutingFn:

@@ -18,8 +18,7 @@ from memstore.methods.wise import (
     WiseRetrieveEditor,
     WiseRetrieveLayer,
 )
-from memstore.methods.wise.method import TrainBatch
-from memstore.methods.wise.retrieve import routing_inputs
+from memstore.methods.wise.method import TrainBatch, router_threshold, routing_inputs
 from memstore.model import find_edit_site
 from memstore.mount import mount_layer
 from memstore.prompting import pad_batch
@@ -212,3 +211,25 @@ def test_eval_layer_serves_the_key_prefilter_by_default(two_memories, model_type
     for memory, edit in enumerate(EDITS[:2]):
         (a,) = routing_inputs(editor.model, TOK, editor.site, [edit.prompt], editor.basis)
         assert layer.candidate_mask(a[None])[0].tolist() == [m == memory for m in range(2)]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_layer_reads_the_edit_prompts_once(tiny_model, model_type):
+    """Serving layer set-up: every memory's threshold is act_ratio x the lowest score of its own
+    edits under it (as `router_threshold` computes it alone), and the thresholds and the key index
+    come from one pass of the lower model over the edit prompts, not one pass each."""
+    model = tiny_model(model_type)
+    config = dataclasses.replace(CONFIG, prefilter_candidates=1)
+    editor = make_editor(model, config)
+    editor.apply(EDITS[:3])
+    calls = []
+    hook = editor.site.module(model).register_forward_pre_hook(lambda _m, args: calls.append(1))
+    try:
+        layer = editor.layer()
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and layer.index is not None  # three prompts: one batch
+    for memory, (delta, edit) in enumerate(zip(editor.memory_deltas(), EDITS[:3])):
+        alone = router_threshold(model, TOK, editor.site, delta, [edit.prompt], config.act_ratio,
+                                 config.router_reduce, editor.basis)
+        assert float(layer.thresholds[memory]) == pytest.approx(alone, rel=1e-6)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -283,25 +283,38 @@ def merge_shards(taus: Sequence[torch.Tensor], config: WiseConfig) -> torch.Tens
 
 
 @torch.no_grad()
-def activation_scores(model: nn.Module, tokenizer, site: EditSite, delta: torch.Tensor,
-                      prompts: Sequence[str], reduce: str = "mean", basis: torch.Tensor | None = None,
-                      batch_size: int = 32) -> torch.Tensor:
-    """Activation score ||delta a|| of each (already formatted) prompt, reduced over its tokens."""
+def routing_inputs(model: nn.Module, tokenizer, site: EditSite, texts: Sequence[str],
+                   basis: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    """Per (formatted) prompt, the edited layer's input on its tokens (T, d_in) as the side memories
+    read it: float, background directions removed. Routing keys, scores and thresholds all start here."""
+    for acts in module_inputs(model, tokenizer, site, texts):
+        acts = acts.float()
+        yield acts - (acts @ basis) @ basis.t() if basis is not None else acts
+
+
+def scores_of(reads: Iterable[torch.Tensor], delta: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Activation score ||delta a|| of each prompt's `routing_inputs`, reduced over its tokens."""
     out = []
-    for acts in module_inputs(model, tokenizer, site, prompts, batch_size):
-        acts = acts.to(delta.dtype)
-        if basis is not None:
-            acts = acts - (acts @ basis) @ basis.t()
-        side = torch.matmul(acts, delta.t())  # (T, d_out)
-        scores = side.norm(dim=-1)
+    for acts in reads:
+        scores = torch.matmul(acts.to(delta.dtype), delta.t()).norm(dim=-1)  # (T,)
         out.append(scores.max() if reduce == "max" else scores.mean())
     return torch.stack(out) if out else torch.zeros(0)
 
 
+def activation_scores(model: nn.Module, tokenizer, site: EditSite, delta: torch.Tensor,
+                      prompts: Sequence[str], reduce: str = "mean", basis: torch.Tensor | None = None) -> torch.Tensor:
+    """Activation score of each (already formatted) prompt under side memory `delta`."""
+    return scores_of(routing_inputs(model, tokenizer, site, prompts, basis), delta, reduce)
+
+
+def threshold_of(scores: torch.Tensor, act_ratio: float) -> float:
+    """Router threshold: act_ratio x the lowest score of a memory's own edits (inf with none)."""
+    return float(scores.min()) * act_ratio if len(scores) else math.inf
+
+
 def router_threshold(model, tokenizer, site, delta, prompts, act_ratio: float, reduce: str = "mean",
                      basis: torch.Tensor | None = None) -> float:
-    scores = activation_scores(model, tokenizer, site, delta, prompts, reduce, basis)
-    return float(scores.min()) * act_ratio if len(scores) else math.inf
+    return threshold_of(activation_scores(model, tokenizer, site, delta, prompts, reduce, basis), act_ratio)
 
 
 @torch.no_grad()

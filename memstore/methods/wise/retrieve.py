@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,6 @@ from ...index import KeyIndex, key_ids
 from ...model import EditSite
 from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids
 from ..base import MemoryLayer
-from ..upper import module_inputs
 from .layer import WiseLayer, reduce_scores
 from .method import (
     EditStats,
@@ -45,7 +45,9 @@ from .method import (
     TrainBatch,
     WiseEditor,
     merge_shards,
-    router_threshold,
+    routing_inputs,
+    scores_of,
+    threshold_of,
 )
 
 
@@ -195,8 +197,8 @@ def prefilter_recall(model: nn.Module, tokenizer, site: EditSite, layer: WiseRet
     layer.routing.reset()  # no mount: every token of a prompt decides its route
     routed = hits = 0
     texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
-    for acts in module_inputs(model, tokenizer, site, texts):  # (T, d_in) each, prompt tokens only
-        a = layer._read(acts[None].to(layer.deltas.device))
+    for acts in routing_inputs(model, tokenizer, site, texts, layer.basis):  # (T, d_in), prompt tokens only
+        a = acts[None].to(layer.deltas.device, layer.deltas.dtype)
         exact = int(layer.decide(a, prefilter=False).choice[0])
         if exact >= 0:
             routed += 1
@@ -297,13 +299,6 @@ class WiseRetrieveEditor(WiseEditor):
     def memory_deltas(self) -> list[torch.Tensor]:
         return [merge_shards([s.tau for s in group], self.config) for group in self.memories()]
 
-    def memory_threshold(self, delta: torch.Tensor, edits: Sequence[Edit]) -> float:
-        """act_ratio x the lowest score of this memory's own edit prompts (inf with no edits)."""
-        cfg = self.config
-        prompts = [format_prompt(self.tokenizer, e.prompt, cfg.chat_template) for e in edits]
-        return router_threshold(self.model, self.tokenizer, self.site, delta, prompts, cfg.act_ratio,
-                                cfg.router_reduce, self.basis)
-
     def layer(self) -> WiseRetrieveLayer:  # type: ignore[override]
         """The memories, served; with `prefilter_candidates` > 0, behind a key index of every edit."""
         base, cfg = self.site.module(self.model), self.config
@@ -311,27 +306,15 @@ class WiseRetrieveEditor(WiseEditor):
         if not groups:
             return WiseRetrieveLayer(base, None, None, cfg.router_reduce, self.basis)
         deltas = self.memory_deltas()
-        edits = [[e for s in g for e in s.edits] for g in groups]
-        thresholds = [self.memory_threshold(d, es) for d, es in zip(deltas, edits)]
+        sizes = [sum(len(s.edits) for s in g) for g in groups]
+        prompts = [format_prompt(self.tokenizer, e.prompt, cfg.chat_template) for g in groups for s in g for e in s.edits]
+        # One pass of the lower model over the edit prompts gives every threshold and every key.
+        reads = list(routing_inputs(self.model, self.tokenizer, self.site, prompts, self.basis))
+        ends = list(accumulate(sizes))
+        thresholds = [threshold_of(scores_of(reads[end - n:end], delta, cfg.router_reduce), cfg.act_ratio)
+                      for delta, n, end in zip(deltas, sizes, ends)]
         index = None
         if cfg.prefilter_candidates:
-            prompts = [format_prompt(self.tokenizer, e.prompt, cfg.chat_template) for es in edits for e in es]
-            keys = routing_keys(self.model, self.tokenizer, self.site, prompts, self.basis)
-            index = KeyIndex.build(torch.stack(keys), key_ids([len(es) for es in edits]))
+            index = KeyIndex.build(torch.stack([a.mean(0) for a in reads]), key_ids(sizes))
         return WiseRetrieveLayer(base, torch.stack(deltas), torch.tensor(thresholds, device=deltas[0].device),
                                  cfg.router_reduce, self.basis, index, cfg.prefilter_candidates)
-
-
-@torch.no_grad()
-def routing_inputs(model, tokenizer, site: EditSite, texts: Sequence[str], basis: torch.Tensor | None):
-    """Per (formatted) prompt, the edited layer's input on its tokens (T, d_in) as the memories read
-    it: float, background directions removed."""
-    for acts in module_inputs(model, tokenizer, site, texts):
-        acts = acts.float()
-        yield acts - (acts @ basis) @ basis.t() if basis is not None else acts
-
-
-def routing_keys(model, tokenizer, site: EditSite, texts: Sequence[str], basis: torch.Tensor | None) -> list[torch.Tensor]:
-    """Each prompt's routing key: the mean over its tokens of `routing_inputs` (what a store's
-    signature objects keep and the key index searches)."""
-    return [a.mean(0) for a in routing_inputs(model, tokenizer, site, texts, basis)]
