@@ -273,6 +273,9 @@ def test_checkout_reproduces_old_logits_and_moves_the_index(copy: Store):
     assert torch.equal(logits(copy, prompts), old)
     assert maintenance.fsck(copy.path).ok  # index/ now holds the checked-out memory's keys
     assert len(state_index(copy.session.store, copy.state())) == 1
+    history.checkout(copy.path, "main")
+    history.reset(copy.path, copy.commits[1])  # moving a branch moves the index too
+    assert maintenance.fsck(copy.path).ok and len(state_index(copy.session.store, copy.state())) == 2
 
 
 # -- the key index -----------------------------------------------------------------------------------------
