@@ -36,7 +36,8 @@ from .memory import (
 from .methods.base import MemoryLayer
 from .methods.memoir import MemoirEditor, MemoirState
 from .methods.wise import WiseEditor, WiseLayer, WiseRetrieveEditor, merge_shards, shard_mask
-from .methods.wise.method import Shard, router_threshold, routing_inputs, scores_of, threshold_of
+from .methods.wise.method import Shard, router_threshold, routing_inputs
+from .methods.wise.retrieve import memory_routing
 from .model import EMBEDDED_MODEL, EditSite, find_edit_site, load_model, weight_hash, weight_matrix
 from .mount import mount_layer
 from .prompting import format_prompt
@@ -337,10 +338,10 @@ def with_routing(session: Session, row: dict[str, Any], tau: torch.Tensor, edits
     tau = tau.to(next(session.model.parameters()).device)
     prompts = [format_prompt(session.tokenizer, e.prompt, cfg.chat_template) for e in edits]
     reads = list(routing_inputs(session.model, session.tokenizer, session.site, prompts, session.basis))
-    keys = [acts.mean(0) for acts in reads]
+    keys, threshold = memory_routing(reads, tau, cfg)
     signature = store.objects.put_tensors({"centroid": torch.stack(keys).mean(0).cpu(), "keys": torch.stack(keys).cpu()},
                                           {"kind": "wise-router-signature", "shard": row["object_id"]})
-    return {**row, "threshold": threshold_of(scores_of(reads, tau, cfg.router_reduce), cfg.act_ratio), "signature": signature}
+    return {**row, "threshold": threshold, "signature": signature}
 
 
 def routing_of(session: Session, known: Sequence[Edit] = ()) -> retrieve_memory.RoutingFn:

@@ -310,11 +310,16 @@ class WiseRetrieveEditor(WiseEditor):
         prompts = [format_prompt(self.tokenizer, e.prompt, cfg.chat_template) for g in groups for s in g for e in s.edits]
         # One pass of the lower model over the edit prompts gives every threshold and every key.
         reads = list(routing_inputs(self.model, self.tokenizer, self.site, prompts, self.basis))
-        ends = list(accumulate(sizes))
-        thresholds = [threshold_of(scores_of(reads[end - n:end], delta, cfg.router_reduce), cfg.act_ratio)
-                      for delta, n, end in zip(deltas, sizes, ends)]
+        routing = [memory_routing(reads[end - n:end], delta, cfg) for delta, n, end in zip(deltas, sizes, accumulate(sizes))]
+        thresholds = [threshold for _, threshold in routing]
         index = None
         if cfg.prefilter_candidates:
-            index = KeyIndex.build(torch.stack([a.mean(0) for a in reads]), key_ids(sizes))
+            index = KeyIndex.build(torch.stack([k for keys, _ in routing for k in keys]), key_ids(sizes))
         return WiseRetrieveLayer(base, torch.stack(deltas), torch.tensor(thresholds, device=deltas[0].device),
                                  cfg.router_reduce, self.basis, index, cfg.prefilter_candidates)
+
+
+def memory_routing(reads: Sequence[torch.Tensor], delta: torch.Tensor, config) -> tuple[list[torch.Tensor], float]:
+    """A memory's routing from its edits' `routing_inputs`: each edit's key (the mean over its prompt,
+    what the key index searches and a store's signature keeps) and the memory's threshold."""
+    return [a.mean(0) for a in reads], threshold_of(scores_of(reads, delta, config.router_reduce), config.act_ratio)
