@@ -43,9 +43,8 @@ EVALUATED = (1, 4)  # candidate counts whose Rel / Gen / Loc are measured beside
 
 
 @torch.no_grad()
-def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefilter: bool) -> float:
+def routing_seconds(layer, reads: list[torch.Tensor], prefilter: bool) -> float:
     """Mean seconds per query of the routing decision alone (inputs captured beforehand)."""
-    reads = [a[None] for a in routing_inputs(editor.model, editor.tokenizer, editor.site, prompts, editor.basis)]
     layer.routing.reset()
     start = time.perf_counter()
     for a in reads:
@@ -54,10 +53,9 @@ def routing_seconds(editor: WiseRetrieveEditor, layer, prompts: list[str], prefi
 
 
 @torch.no_grad()
-def right_memory(editor: WiseRetrieveEditor, layer, prompts: list[str], owners: list[int]) -> dict[str, float]:
+def right_memory(layer, reads: list[torch.Tensor], owners: list[int]) -> dict[str, float]:
     """Fraction of prompts routed to the memory holding their edit: by the exhaustive scan and
     with the pre-filter (the exact check deciding among the candidates)."""
-    reads = [a[None] for a in routing_inputs(editor.model, editor.tokenizer, editor.site, prompts, editor.basis)]
     layer.routing.reset()
     out = {}
     for name, prefilter in (("exhaustive", False), ("prefiltered", True)):
@@ -94,6 +92,10 @@ def main() -> None:
     counts = [sum(len(s.edits) for s in group) for group in editor.memories()]
     groups = {"edit": [e.prompt for e in edits], "rephrase": [e.rephrase_prompt for e in edits],
               "unrelated": unrelated}
+    # Each prompt's input as the memories read it, once: the routes below differ only in the layer's C.
+    reads = {name: [a[None] for a in routing_inputs(model, tokenizer, site, prompts, editor.basis)]
+             for name, prompts in groups.items()}
+    owners = editor.edit_owners()
     rows = []
     for c in CANDIDATES:
         layer.candidates = c
@@ -101,12 +103,11 @@ def main() -> None:
         for name, prompts in groups.items():
             r = prefilter_recall(model, tokenizer, site, layer, prompts)
             row[name] = {"recall": r.recall, "routed": r.routed, "queries": r.queries}
-        owners = editor.edit_owners()
-        row["right_memory"] = {name: right_memory(editor, layer, groups[name], owners) for name in ("edit", "rephrase")}
-        row["seconds_per_query_prefilter"] = routing_seconds(editor, layer, groups["edit"], True)
+        row["right_memory"] = {name: right_memory(layer, reads[name], owners) for name in ("edit", "rephrase")}
+        row["seconds_per_query_prefilter"] = routing_seconds(layer, reads["edit"], True)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    exhaustive = routing_seconds(editor, layer, groups["edit"], False)
+    exhaustive = routing_seconds(layer, reads["edit"], False)
     # What the route does to the edits: Rel / Gen / Loc of the same memories, scanned or pre-filtered.
     quality = []
     for c in (0, *EVALUATED):
