@@ -320,7 +320,6 @@ def merge(path: str | os.PathLike | None = None, a: str = "HEAD", b: str = "", *
             config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
             cid = store.create_commit(ca, message or f"merge {b} into {a}", None, session.method, config,
                                       state.to_json(), [], [], merge_parent=cb, shards=rows)
-            retrieve_memory.write_head_index(store)
             return HistoryCommit(cid, ca, cb, [], len(state_edit_keys(store, state)), len(state.shards),
                                  state.threshold, row["object_id"], spec)
 
@@ -352,7 +351,6 @@ def _merge_memories(session: Session, head: str, state: MemoryState, pair: Seque
     config = canonical_json({"merge": spec, "method": json.loads(session.config.to_json())})
     cid = store.create_commit(head, message or f"merge memories {pair[0][:12]} and {pair[1][:12]}", None,
                               session.method, config, new.to_json(), [], [], shards=rows)
-    retrieve_memory.write_head_index(store)
     return HistoryCommit(cid, head, None, [], len(state_edit_keys(store, new)), len(shards), new.threshold,
                          row["object_id"], spec)
 
@@ -431,7 +429,6 @@ def revert(path: str | os.PathLike | None = None, ref: str | None = None, *, edi
             cid = store.create_commit(head, message or f"Revert {what}", None, session.method, session.config.to_json(),
                                       new.to_json(), [], [], removed=[(k.split(":", 1)[0], records[k]) for k in remove],
                                       shards=rows, sources=sources)
-            retrieve_memory.write_head_index(store)
             return HistoryCommit(cid, head, None, [k.split(":", 1)[0] for k in remove],
                                  len(state_edit_keys(store, new)), len(new.shards), new.threshold)
 
@@ -505,7 +502,6 @@ def checkout(path: str | os.PathLike | None = None, ref: str = "main", *, lock_t
         cid = store.resolve(ref)
         verify_state(store, commit_state(store, cid))
         store.set_head(branch or cid)
-        retrieve_memory.write_head_index(store)
         return RefMove(ref if branch else "HEAD", old, cid)
 
 
@@ -524,7 +520,6 @@ def reset(path: str | os.PathLike | None = None, ref: str = "HEAD", *, dry_run: 
         name = store.head_branch() or "HEAD"
         if not dry_run:
             store.set_ref(name, new, old)
-            retrieve_memory.write_head_index(store)
         return RefMove(name[len(BRANCH_PREFIX):] if name.startswith(BRANCH_PREFIX) else name, old, new, discarded)
 
 

@@ -515,7 +515,6 @@ def commit(path: str | os.PathLike | None = None, edits_file: str | os.PathLike 
         cid = store.create_commit(t.parent, message or f"edit {len(edits)} fact(s)", author, t.session.method,
                                   t.session.config.to_json(), state.to_json(), [e.to_dict() for e in edits],
                                   [e.edit_id for e in edits], shards=t.rows, sources=t.sources, evaluation=evaluation)
-        retrieve_memory.write_head_index(store)
         total = len(state_edit_keys(store, state))
         return CommitResult(cid, t.parent, len(edits), total, state.threshold, len(state.shards), metrics,
                             *t.seconds_and_steps())
@@ -539,7 +538,6 @@ def _commit_staged(path, message: str | None, author: str | None, lock_timeout: 
         cid = store.create_commit(parent, message or f"edit {len(records)} fact(s)", author, method, staged["config_json"],
                                   state.to_json(), records, ids, shards=shard_rows(store, state.shards),
                                   clear_staging=True, evaluation={"source": "train", "metrics": metrics})
-        retrieve_memory.write_head_index(store)
         total = len(state_edit_keys(store, state))
         return CommitResult(cid, parent, len(records), total, state.threshold, len(state.shards), metrics)
 

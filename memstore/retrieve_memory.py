@@ -37,7 +37,7 @@ from .merge import merge_with_spec
 from .methods.wise import WiseConfig, WiseRetrieveLayer
 from .methods.wise.method import merge_spec
 from .methods.wise.retrieve import memory_groups
-from .store import Store
+from .store import HEAD_MOVED_HOOKS, Store
 
 METHOD = "wise-retrieve"
 INDEX_FILE = "routing-keys.faiss"
@@ -141,6 +141,9 @@ def write_head_index(store: Store) -> Path | None:
         return None
     write_key_index(state_index(store, state), path)
     return path
+
+
+HEAD_MOVED_HOOKS.append(write_head_index)  # every commit, checkout and reset keeps the file HEAD's
 
 
 def head_index_problem(store: Store) -> str | None:

@@ -24,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +61,11 @@ def default_author() -> str:
 # -- Store -----------------------------------------------------------------------------------
 
 _BINDING_KEYS = {"model_id", "revision", "module_path", "layer", "weight_hash", "config_json", "config"}
+
+# Called with the store each time HEAD moves (commit, checkout, reset), after the catalog
+# transaction: files derived from HEAD's memory (the wise-retrieve key index) register here, so
+# that no verb which moves HEAD can leave them stale. Each hook decides whether the store is its.
+HEAD_MOVED_HOOKS: list[Callable[[Store], Any]] = []
 
 
 class Store:
@@ -214,6 +219,7 @@ class Store:
         value = target if _OID_RE.match(target) else SYMREF_PREFIX + target
         with self.catalog.engine.begin() as conn:
             conn.execute(sa.update(self.catalog.refs).where(self.catalog.refs.c.name == "HEAD").values(target=value))
+        self._head_moved()
 
     def _cas(self, conn: sa.Connection, name: str, old: str | None, new: str | None) -> None:
         t = self.catalog.refs
@@ -232,6 +238,12 @@ class Store:
         """Compare-and-swap `name` from `old` (None = must not exist) to `new` (None = delete)."""
         with self.catalog.engine.begin() as conn:
             self._cas(conn, name, old, new)
+        if name in ("HEAD", self.head_branch()):
+            self._head_moved()
+
+    def _head_moved(self) -> None:
+        for hook in HEAD_MOVED_HOOKS:
+            hook(self)
 
     # -- commits ----------------------------------------------------------------------------------
 
@@ -282,6 +294,7 @@ class Store:
                 conn.execute(sa.insert(c.evaluations).values(commit_id=cid, created_at=utc_now(),
                                                              source=evaluation["source"],
                                                              metrics_json=canonical_json(evaluation["metrics"])))
+        self._head_moved()
         return cid
 
     def _insert_shards(self, conn: sa.Connection, cid: str | None, shards: Sequence[dict[str, Any]]) -> None:

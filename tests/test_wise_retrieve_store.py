@@ -32,7 +32,8 @@ from memstore.methods.wise.retrieve import prefilter_recall
 from memstore.model import load_model
 from memstore.mount import mount_layer
 from memstore.porcelain import Session
-from memstore.retrieve_memory import index_path, state_index
+from memstore.index import read_key_index
+from memstore.retrieve_memory import head_index_problem, index_path, state_index
 
 ROOT = Path(__file__).resolve().parent.parent
 # Big steps, small margins and a mean router: a tiny random model's activations are tiny and alike
@@ -276,6 +277,22 @@ def test_checkout_reproduces_old_logits_and_moves_the_index(copy: Store):
     history.checkout(copy.path, "main")
     history.reset(copy.path, copy.commits[1])  # moving a branch moves the index too
     assert maintenance.fsck(copy.path).ok and len(state_index(copy.session.store, copy.state())) == 2
+
+
+def test_the_store_itself_keeps_the_index_on_head_whatever_moves_it(copy: Store):
+    # The index follows HEAD in Store (set_ref / set_head / create_commit), not in each verb.
+    store, first, last = copy.session.store, copy.commits[0], copy.commits[-1]
+    store.set_ref("refs/heads/side", first, None)  # another branch: HEAD's memory is unchanged
+    assert maintenance.fsck(copy.path).ok and len(state_index(store, copy.state())) == 3
+    store.set_ref("refs/heads/main", first, last)
+    assert maintenance.fsck(copy.path).ok and len(state_index(store, copy.state())) == 1
+    store.set_head(last)  # detached
+    assert maintenance.fsck(copy.path).ok and len(state_index(store, copy.state())) == 3
+    one = commit_state(store, first)
+    cid = store.create_commit(last, "back to one memory", None, "wise-retrieve",
+                              store.get_commit(last, with_edits=False)["config_json"], one.to_json(), [], [],
+                              shards=shard_rows(store, one.shards))
+    assert store.head() == cid and head_index_problem(store) is None and len(read_key_index(index_path(store))) == 1
 
 
 # -- the key index -----------------------------------------------------------------------------------------
