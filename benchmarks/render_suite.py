@@ -79,7 +79,7 @@ def plot_quality(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     zsre = [r for r in runs if r["spec"]["dataset"] == "zsre"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 5.2))
     for ax, key, title in zip(axes, ("reliability", "generalization", "locality", "seconds_per_edit"),
                               ("Reliability", "Generalization", "Locality", "median seconds per edit")):
         by_method = defaultdict(list)
@@ -95,9 +95,11 @@ def plot_quality(runs: list[dict], out: Path) -> None:
         if key != "seconds_per_edit":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # Below the panels: inside one it would hide points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("ZsRE, SmolLM2-135M-Instruct, teacher-forced (wisemem bench)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
