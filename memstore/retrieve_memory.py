@@ -14,9 +14,9 @@ two memories into one explicitly (history.py).
 Routing keys (DESIGN.md principle 6): every shard's signature object holds its edits' keys (the
 edited layer's input on the prompt, background removed, mean over the prompt) in edit order.
 The key index of HEAD's memory, a FAISS index of those keys whose ids say memory and position
-(index.py `KeyIndex`), is derived data at index/routing-keys.faiss: written whenever HEAD moves
-(by the Store itself, through `HEAD_MOVED_HOOKS`: commit, merge, revert, checkout, reset), compared with the keys by fsck, rewritten by
-`wisemem index rebuild`. Serving builds the same flat index from the keys themselves, so a
+(index.py `KeyIndex`), is derived data at index/routing-keys.faiss: written by the Store itself
+whenever HEAD moves (`HEAD_MOVED_HOOKS`: commit, merge, revert, checkout, reset), compared with
+the keys by fsck, rewritten by `wisemem index rebuild`. Serving builds the same flat index from the keys themselves, so a
 stale or damaged file can never change a route.
 """
 

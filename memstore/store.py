@@ -238,7 +238,8 @@ class Store:
         """Compare-and-swap `name` from `old` (None = must not exist) to `new` (None = delete)."""
         with self.catalog.engine.begin() as conn:
             self._cas(conn, name, old, new)
-        if name in ("HEAD", self.head_branch()):
+            moves_head = name in ("HEAD", self._follow(conn, "HEAD")[0])  # read in the CAS's transaction
+        if moves_head:
             self._head_moved()
 
     def _head_moved(self) -> None:

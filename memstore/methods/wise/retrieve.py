@@ -38,6 +38,7 @@ from ...index import KeyIndex, key_ids
 from ...model import EditSite
 from ...prompting import format_prompt, pad_batch, pad_id, prompt_ids
 from ..base import MemoryLayer
+from .config import WiseConfig
 from .layer import WiseLayer, reduce_scores
 from .method import (
     EditStats,
@@ -319,7 +320,8 @@ class WiseRetrieveEditor(WiseEditor):
                                  cfg.router_reduce, self.basis, index, cfg.prefilter_candidates)
 
 
-def memory_routing(reads: Sequence[torch.Tensor], delta: torch.Tensor, config) -> tuple[list[torch.Tensor], float]:
+def memory_routing(reads: Sequence[torch.Tensor], delta: torch.Tensor, config: WiseConfig
+                   ) -> tuple[list[torch.Tensor], float]:
     """A memory's routing from its edits' `routing_inputs`: each edit's key (the mean over its prompt,
     what the key index searches and a store's signature keeps) and the memory's threshold."""
     return [a.mean(0) for a in reads], threshold_of(scores_of(reads, delta, config.router_reduce), config.act_ratio)
