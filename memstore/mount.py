@@ -21,6 +21,9 @@ from .methods.base import MemoryLayer
 from .model import EditSite
 
 
+CACHE_KWARGS = ("past_key_values", "cache")
+
+
 def _past_length(past: Any) -> int:
     if past is None:
         return 0
@@ -44,7 +47,8 @@ class MountHandle:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         routing = self.layer.routing
-        past = kwargs.get("past_key_values")
+        # generate passes the KV cache as `cache` in transformers 5.25, as `past_key_values` before.
+        past = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         routing.prefill = _past_length(past) == 0
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
