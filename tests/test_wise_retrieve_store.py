@@ -133,7 +133,7 @@ def test_each_edit_routes_to_its_memory_and_unrelated_prompts_to_none(world: Sto
     assert [g.routed for g in answers] == [True, False]
 
 
-def test_routed_row_gets_exactly_bare_plus_its_memory_and_unrelated_row_the_bare_output(world: Store):
+def test_routed_row_gets_bare_plus_its_memory_and_unrelated_row_exactly_the_bare_output(world: Store):
     s = world.session
     layer = porcelain.memory_layer(s, s.store.head())
     prompts = [EDITS[1]["prompt"], UNRELATED[0], EDITS[0]["prompt"]]
@@ -150,7 +150,10 @@ def test_routed_row_gets_exactly_bare_plus_its_memory_and_unrelated_row_the_bare
         a = x.float() - torch.matmul(torch.matmul(x.float(), s.basis), s.basis.t())
         for row, memory in ((0, 1), (2, 0)):
             tau = load_tau(s.store, world.state().shards[memory])
-            assert torch.equal(y[row], bare[row] + torch.matmul(a[row:row + 1], tau.t())[0])
+            # Not bit for bit: BLAS may sum a (1, T, d) and the layer's (R, T, d) product in another
+            # order (threads, blocking), so the last bits can differ between runs.
+            torch.testing.assert_close(y[row], bare[row] + torch.matmul(a[row:row + 1], tau.t())[0],
+                                       rtol=1e-5, atol=1e-6)
     assert torch.equal(y[1], bare[1])
     assert torch.equal(mounted[1], logits(world, prompts, None)[1])  # the whole model: bit for bit
 
