@@ -7,8 +7,7 @@ A MEMOIR store's commit state is `{"shards": [memory object id], "threshold": ta
              losing the permutation silently breaks every edit, so it is content-addressed too)
     memory   {"kind": "memoir-memory", "shape", "layer", "edits", "k", "frame", "base", "depth"}:
              tensors `columns` (input columns of W_m), `values` (d_out, n_columns) and `mask_bits`
-             (n, d_in/8), TopHash masks in edit order; `center` (d_in,) when the memory reads its
-             input relative to its first edits' mean (center_on=edits). Without a "base" these are all of W_m's
+             (n, d_in/8), TopHash masks in edit order. Without a "base" these are all of W_m's
              non-zero columns and every edit's mask. With "base" (the memory it was trained on top of,
              which holds a prefix of its edits) they are only the columns that changed and the masks
              of the new edits: a commit costs what it changed, not a dense matrix. A chain is cut
@@ -69,8 +68,6 @@ def put_memory(store: Store, state: MemoirState, keys: Sequence[str], k: int, fr
     columns = changed.nonzero().squeeze(1)  # (n_columns,)
     tensors = {"columns": columns.contiguous(), "values": memory[:, columns].contiguous(),
                "mask_bits": torch.from_numpy(pack_masks(state.masks[first_new:]))}
-    if state.center is not None:
-        tensors["center"] = state.center.detach().cpu().float().contiguous()
     oid = store.objects.put_tensors(tensors, meta)
     write_memory_index(store, oid, state.masks, index_kind)
     return {"object_id": oid, "kind": MEMORY, "seed": None, "layer": layer, "n_edits": len(keys),
@@ -79,18 +76,18 @@ def put_memory(store: Store, state: MemoirState, keys: Sequence[str], k: int, fr
 
 def load_memory(store: Store, oid: str) -> tuple[MemoirState, dict[str, Any]]:
     """The full memory state of a memory object (following its base chain; every object re-hashed)."""
-    memory, masks, meta, center = _load_chain(store, oid)
+    memory, masks, meta = _load_chain(store, oid)
     permutation, background = load_frame(store, meta["frame"])
-    return MemoirState(memory, torch.cat(masks), permutation, background, center), meta
+    return MemoirState(memory, torch.cat(masks), permutation, background), meta
 
 
-def _load_chain(store: Store, oid: str) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any], torch.Tensor | None]:
+def _load_chain(store: Store, oid: str) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any]]:
     tensors, meta = store.objects.get_tensors(oid)
     d_out, d_in = meta["shape"]
     memory, masks = _load_chain(store, meta["base"])[:2] if meta.get("base") else (torch.zeros(d_out, d_in), [])
     memory[:, tensors["columns"]] = tensors["values"].float()
     masks.append(unpack_masks(tensors["mask_bits"].numpy().reshape(-1, d_in // 8), d_in))
-    return memory, masks, meta, tensors.get("center")
+    return memory, masks, meta
 
 
 TrainFn = Callable[[MemoirState, Sequence[Edit], Sequence[Edit]], MemoirState]

@@ -11,7 +11,6 @@ from conftest import TINY_MODEL_TYPES
 from test_methods import EDITS, IRRELEVANT, CharTokenizer
 
 from memstore.edits import Edit
-from memstore.errors import ConfigError
 from memstore.evaluate.metrics import teacher_forced
 from memstore.index import MaskIndex
 from memstore.methods.memoir import MemoirConfig, MemoirEditor
@@ -187,30 +186,8 @@ def test_edits_trained_together_keep_their_own_masks(tiny_model):
     assert accuracy(model, together.site, together.layer()) >= before + 0.2
 
 
-def test_centre_on_edits_is_the_first_edits_mean_and_stays_fixed(tiny_model):
-    """center_on=edits: the memory reads its input minus the mean of its first edit prompts'
-    features, set at the first edits and kept when more arrive (moving it would change what every
-    stored edit reads); training and serving read from the same point, so the edits are learnt."""
-    from memstore.methods.memoir.method import mean_features
-
-    model = tiny_model("llama")
-    before = accuracy(model, find_edit_site(model, 2))
-    editor = make_editor(model, center=True, center_on="edits")
-    assert editor.center_point() is None  # nothing to take the mean of yet
-    editor.apply(EDITS[:2])
-    first = mean_features(model, CharTokenizer(), editor.site, [e.prompt for e in EDITS[:2]]).mean(0)
-    torch.testing.assert_close(editor.state.center, first)
-    editor.apply(EDITS[2:])
-    torch.testing.assert_close(editor.state.center, first)
-    layer = editor.layer()
-    assert torch.equal(layer.center, editor.state.center) and not torch.equal(layer.center, layer.background)
-    assert accuracy(model, editor.site, layer) >= before + 0.2
-    assert make_editor(model, center=True).layer().center is not None  # center_on=background
-    assert make_editor(model).layer().center is None  # off: the paper's m * a
-    with pytest.raises(ConfigError, match="center_on"):
-        MemoirConfig(center_on="prompts")
-
-
 def test_edit_batch_size_must_be_positive():
+    from memstore.errors import ConfigError
+
     with pytest.raises(ConfigError, match="edit_batch_size"):
         MemoirConfig(edit_batch_size=0)

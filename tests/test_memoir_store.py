@@ -112,29 +112,3 @@ def test_memoir_router_index_is_derived_checked_and_rebuilt(memoir_store, tmp_pa
     with porcelain.session_scope(copy, session) as s2:
         assert torch.equal(logits_at(s2, b), logits_at(session, b))
     assert (copy / "index" / f"{commit_state(session.store, b).shards[0]}.faiss").exists()
-
-
-def test_memoir_centre_on_edits_is_stored_with_the_memory_and_follows_revert(tmp_path):
-    """A store with center_on=edits keeps the centre of its first commit in every memory object:
-    the next commit reads from the same point, and reverting the first commit retrains the rest
-    around the mean of what is left."""
-    from memstore.memoir_memory import load_memory
-
-    path = tmp_path / ".wisemem"
-    porcelain.init(path, method="memoir", overrides={"center": True, "center_on": "edits"})
-    session = porcelain.open_session(path)
-    try:
-        first = porcelain.commit(path, write_edits(tmp_path / "a.jsonl", A[:1]), session=session).commit_id
-        second = porcelain.commit(path, write_edits(tmp_path / "b.jsonl", B[:1]), session=session).commit_id
-
-        def centre(commit_id: str) -> torch.Tensor:
-            return load_memory(session.store, commit_state(session.store, commit_id).shards[0])[0].center
-
-        assert centre(first) is not None and torch.equal(centre(second), centre(first))
-        assert reliability(session, second, A[:1] + B[:1]) == 1.0
-        r = history.revert(path, edit_id=A[0].edit_id, session=session)
-        assert not torch.equal(centre(r.commit_id), centre(first))  # the mean of B[:1] alone now
-        assert reliability(session, r.commit_id, B[:1]) == 1.0
-        assert maintenance.fsck(path).ok
-    finally:
-        session.close()

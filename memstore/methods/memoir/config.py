@@ -24,8 +24,7 @@ class MemoirConfig(ContextConfig):
     edit_batch_size: int = hyperparameter(1, "edits trained together, each through its own mask (1: one at a time, as published)")
     protect: int = hyperparameter(4, "earlier edits sharing the most columns with a new edit, kept right while it trains (0: off)")
     background_size: int = hyperparameter(100, "irrelevant prompts whose mean feature is the background subtracted before top-k")
-    center: bool = hyperparameter(False, "the memory reads the input minus a centre point (off: the paper's m * a)")
-    center_on: str = hyperparameter("background", "the centre point: background (the background mean) or edits (the mean of the memory's first edit prompts, at most background_size, fixed from its first edit on)")
+    center: bool = hyperparameter(False, "the memory reads the input minus the background mean (off: the paper's m * a)")
     index: str = hyperparameter("flat", "FAISS index over the edit masks: flat (exact) or hnsw (graph, sub-linear)")
     seed: int = hyperparameter(0, "seed of the TopHash permutation")
 
@@ -41,8 +40,6 @@ class MemoirConfig(ContextConfig):
             raise ConfigError(f"edit_batch_size must be >= 1, got {self.edit_batch_size}")
         if self.index not in ("flat", "hnsw"):
             raise ConfigError(f"index must be flat or hnsw, got '{self.index}'")
-        if self.center_on not in ("background", "edits"):
-            raise ConfigError(f"center_on must be background or edits, got '{self.center_on}'")
 
 
 

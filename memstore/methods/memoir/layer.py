@@ -35,15 +35,15 @@ def tophash(features: torch.Tensor, k: int, permutation: torch.Tensor) -> torch.
 class MemoirLayer(MemoryLayer):
     def __init__(self, base_layer: nn.Module, memory: torch.Tensor | None, index: MaskIndex,
                  permutation: torch.Tensor, background: torch.Tensor, k: int, threshold: float,
-                 center: torch.Tensor | None = None) -> None:
+                 center: bool = False) -> None:
         super().__init__(base_layer)
         self.register_buffer("memory", memory, persistent=False)  # (d_out, d_in) W_m, or None
         self.register_buffer("permutation", permutation, persistent=False)  # (d_in,) long
         self.register_buffer("background", background, persistent=False)  # (d_in,)
         self.index, self.k, self.threshold = index, int(k), float(threshold)
-        # The memory reads a - center when given: the part every prompt shares would otherwise
-        # carry each edit's update onto every other edit that shares a column.
-        self.register_buffer("center", center, persistent=False)  # (d_in,), or None: the paper's m * a
+        # The memory reads a - background: the part every prompt shares would otherwise carry
+        # each edit's update onto every other edit that shares a column.
+        self.center = center
         # Training state: the edit's columns and their trainable slice of W_m.
         self.train_cols: torch.Tensor | None = None
         self.train_slice: nn.Parameter | None = None
@@ -75,7 +75,7 @@ class MemoirLayer(MemoryLayer):
         base = self.base_layer(x)  # (B, T, d_out)
         if self.train_slice is not None:
             cols = self.train_cols
-            a = x - self.center.to(x.dtype) if self.center is not None else x
+            a = x - self.background.to(x.dtype) if self.center else x
             if self.train_row_masks is None:
                 side = torch.matmul(a[..., cols].to(self.train_slice.dtype), self.train_slice.t())
             else:
@@ -91,7 +91,7 @@ class MemoirLayer(MemoryLayer):
             return base
         rows = routed.nonzero().squeeze(1).to(x.device)  # only routed rows pay for the memory
         masks = self.index.masks(match[routed].cpu()).to(x.device)  # (R, d_in)
-        a = x[rows] - self.center.to(x.dtype) if self.center is not None else x[rows]
+        a = x[rows] - self.background.to(x.dtype) if self.center else x[rows]
         side = torch.matmul((a * masks[:, None, :].to(x.dtype)).to(self.memory.dtype), self.memory.t())
         return base.index_add(0, rows, side.to(base.dtype))
 

@@ -16,7 +16,7 @@ Run: `wisemem eval DATA -T 100 --method memoir`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,6 @@ class MemoirState:
     masks: torch.Tensor  # (N, d_in) bool, one per edit, in edit order
     permutation: torch.Tensor  # (d_in,) long
     background: torch.Tensor  # (d_in,)
-    center: torch.Tensor | None = None  # (d_in,) with center_on=edits: the mean of the first edit prompts
 
 
 @torch.no_grad()
@@ -112,22 +111,6 @@ class MemoirEditor(SequentialEditor):
     def batch_size(self) -> int:
         return self.config.edit_batch_size
 
-    def apply(self, edits: Sequence[Edit], progress: Callable[[int, EditStats], None] | None = None,
-              plain: bool = False) -> list[EditStats]:
-        cfg = self.config
-        if cfg.center and cfg.center_on == "edits" and self.state.center is None and not len(self.state.masks) and edits:
-            # Fixed at the memory's first edits: moving it later would change what every stored edit reads.
-            prompts = [e.prompt for e in edits[:cfg.background_size]]
-            self.state.center = mean_features(self.model, self.tokenizer, self.site, prompts, cfg.chat_template).mean(0)
-        return super().apply(edits, progress, plain)
-
-    def center_point(self) -> torch.Tensor | None:
-        """What the memory reads its input relative to (None: the input itself, as published)."""
-        if not self.config.center:
-            return None
-        point = self.state.center if self.config.center_on == "edits" else self.state.background
-        return None if point is None else point.to(self.device)
-
     def train_edits(self, layer: MemoirLayer, edits: Sequence[Edit]) -> list[EditStats]:
         """Train `edits` together (one edit: the published sequential step), each through its own mask."""
         cfg, start = self.config, time.perf_counter()
@@ -185,4 +168,4 @@ class MemoirEditor(SequentialEditor):
                 index.add(self.state.masks)
         return MemoirLayer(self.site.module(self.model), self.state.memory.to(self.device) if with_memory else None,
                            index, self.state.permutation, self.state.background.to(self.device), self.k,
-                           self.config.threshold, self.center_point())
+                           self.config.threshold, self.config.center)
