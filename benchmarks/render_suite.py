@@ -78,28 +78,39 @@ def plot_quality(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    zsre = [r for r in runs if r["spec"]["dataset"] == "zsre"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 5.2))
-    for ax, key, title in zip(axes, ("reliability", "generalization", "locality", "seconds_per_edit"),
-                              ("Reliability", "Generalization", "Locality", "median seconds per edit")):
-        by_method = defaultdict(list)
-        for r in zsre:
-            by_method[label(r["spec"])].append((r["spec"]["T"], r["result"].get(key)))
-        for method in sorted(by_method, key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]), m)):
-            points = sorted((t, v) for t, v in by_method[method] if v is not None)
-            if points:
-                ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel("T (sequential edits)")
-        ax.set_title(title)
-        if key != "seconds_per_edit":
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+    # One row per dataset run at more than one T (quality against T needs a line), one colour per method.
+    datasets = [d for d in DATASET_ORDER if len({r["spec"]["T"] for r in runs if r["spec"]["dataset"] == d}) > 1]
+    methods = sorted({label(r["spec"]) for r in runs if r["spec"]["dataset"] in datasets},
+                     key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]), m))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    keys = ("reliability", "generalization", "locality", "seconds_per_edit")
+    titles = ("Reliability", "Generalization", "Locality", "median seconds per edit")
+    fig, grid = plt.subplots(len(datasets), 4, figsize=(16, 4.2 * len(datasets) + 1.0), squeeze=False)
+    for axes, dataset in zip(grid, datasets):
+        for ax, key, title in zip(axes, keys, titles):
+            by_method = defaultdict(list)
+            for r in runs:
+                if r["spec"]["dataset"] == dataset:
+                    by_method[label(r["spec"])].append((r["spec"]["T"], r["result"].get(key)))
+            for method in methods:
+                points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None)
+                if points:
+                    ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=method,
+                            color=colour[method])
+            ax.set_xscale("log")
+            ax.set_xlabel("T (sequential edits)")
+            ax.set_title(f"{dataset}: {title}")
+            if key != "seconds_per_edit":
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
     # Below the panels: inside one it would hide points.
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle("ZsRE, SmolLM2-135M-Instruct, teacher-forced (wisemem bench)")
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    shown = {}
+    for ax in grid.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            shown.setdefault(name, handle)
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{', '.join(datasets)}: SmolLM2-135M-Instruct, teacher-forced (wisemem bench)")
+    fig.tight_layout(rect=(0, 1.0 / (4.2 * len(datasets) + 1.0), 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
