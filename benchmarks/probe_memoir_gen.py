@@ -12,7 +12,8 @@ Rel / Gen), by route taken (own mask, another edit's, none), and with the row fo
 edit's mask (a perfect router). Gen lost to routing = forced - served; lost in the memory = 1 - forced.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_memoir_gen.py T=300 'prefix_seeds=[]' edit_batch_size=16
-      (key=value: T, train=0|1, then any MEMOIR hyperparameter as a JSON value; prints JSON)
+      (key=value: T, train=0|1, files=a.json,b.json (default both ZsRE files), taus=0.4,0.45 (extra thresholds to report routing at, from the masks
+      alone), then any MEMOIR hyperparameter as a JSON value; prints JSON)
 """
 import os
 
@@ -40,14 +41,16 @@ FILES = ["../shared/data/zsre/zsre_mend_eval.0-999.json", "../shared/data/zsre/z
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 T = int(args.pop("T", 300))
 train = args.pop("train", "1") == "1"
+files = args.pop("files", ",".join(FILES)).split(",")
+extra_taus = [float(t) for t in args.pop("taus", "").split(",") if t]
 overrides = {k: json.loads(v) for k, v in args.items()}
-edits, _ = load_eval_edits(FILES, T, one_per_subject=True)
+edits, _ = load_eval_edits(files, T, one_per_subject=True)
 model, tok = load_model(None)
 config = make_config(model.config.model_type, overrides, method="memoir")
 site = find_edit_site(model, None, layer_fraction=config.layer_fraction)
 torch.manual_seed(config.seed)
 editor = MemoirEditor(model, tok, site, config, background_prompts())
-result = {"T": T, "layer": site.layer, "overrides": overrides}
+result = {"T": T, "files": files, "layer": site.layer, "overrides": overrides}
 
 # Routing depends on the masks alone: the nearest stored edit mask of each query, if it overlaps >= tau.
 own_edit = torch.arange(T)
@@ -64,6 +67,10 @@ for kind, f in feats.items():
     result[kind] = {"routed": float(routed.float().mean()),
                     "routed_own": float((routed & (nearest == own_edit)).float().mean()),
                     "nearest_by_cosine_is_own": float((by_cosine == own_edit).float().mean())}
+    for tau in extra_taus:
+        at = best >= tau - 1e-9
+        result[kind][f"tau={tau}"] = {"routed": float(at.float().mean()),
+                                      "routed_own": float((at & (nearest == own_edit)).float().mean())}
 
 if train:
     start = time.perf_counter()
