@@ -12,8 +12,8 @@ Rel / Gen), by route taken (own mask, another edit's, none), and with the row fo
 edit's mask (a perfect router). Gen lost to routing = forced - served; lost in the memory = 1 - forced.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_memoir_gen.py T=300 'prefix_seeds=[]' edit_batch_size=16
-      (key=value: T, train=0|1, files=a.json,b.json (default both ZsRE files), taus=0.4,0.45 (extra thresholds to report routing at, from the masks
-      alone), then any MEMOIR hyperparameter as a JSON value; prints JSON)
+      (key=value: T, train=0|1, files=a.json,b.json (default: both ZsRE files), taus=0.4,0.45 (more
+      thresholds to report routing at), then any MEMOIR hyperparameter as a JSON value; prints JSON)
 """
 import os
 
@@ -62,15 +62,16 @@ result["masks_per_column"] = {"max": int(usage.max()), "p90": float(usage.quanti
                               "median": float(usage.median()), "min": int(usage.min())}
 for kind, f in feats.items():
     best, nearest = (tophash(f, editor.k, editor.state.permutation).float() @ stored.t() / editor.k).max(1)
-    routed = best >= config.threshold - 1e-9
+
+    def routing_at(tau: float) -> dict[str, float]:
+        routed = best >= tau - 1e-9
+        return {"routed": float(routed.float().mean()),
+                "routed_own": float((routed & (nearest == own_edit)).float().mean())}
+
     by_cosine = (F.normalize(f, dim=1) @ F.normalize(feats["prompt"], dim=1).t()).argmax(1)
-    result[kind] = {"routed": float(routed.float().mean()),
-                    "routed_own": float((routed & (nearest == own_edit)).float().mean()),
-                    "nearest_by_cosine_is_own": float((by_cosine == own_edit).float().mean())}
-    for tau in extra_taus:
-        at = best >= tau - 1e-9
-        result[kind][f"tau={tau}"] = {"routed": float(at.float().mean()),
-                                      "routed_own": float((at & (nearest == own_edit)).float().mean())}
+    result[kind] = {**routing_at(config.threshold),
+                    "nearest_by_cosine_is_own": float((by_cosine == own_edit).float().mean()),
+                    **{f"tau={tau}": routing_at(tau) for tau in extra_taus}}
 
 if train:
     start = time.perf_counter()
