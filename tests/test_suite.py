@@ -23,7 +23,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def test_suite_listing_and_filters() -> None:
     runs = suite_runs("t10", methods=["memoir"], datasets=["zsre", "temporal"])
     assert [r.id for r in runs] == ["zsre-memoir-T10x1", "temporal-memoir-T10x1"]
-    assert {r.dataset for r in suite_runs("t100")} == {"zsre", "counterfact"}
+    assert {r.dataset for r in suite_runs("t100")} == {"zsre", "counterfact", "hallucination"}
     assert RunSpec("zsre", "grace", 2, overrides=(("max_steps", 3),)).id == "zsre-grace-T2x1-max_steps=3"
     with pytest.raises(ConfigError, match="unknown suite"):
         suite_runs("nope")

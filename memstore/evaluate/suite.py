@@ -61,8 +61,8 @@ SUITES: dict[str, tuple[str, Callable[[], list[RunSpec]]]] = {
     "smoke": ("every method on 2 ZsRE edits: checks the machinery (minutes)",
               lambda: _grid(["zsre"], ALL_METHODS, [2])),
     "t10": ("every method x every dataset at T=10", lambda: _grid(list(DATASETS), ALL_METHODS, [10])),
-    "t100": ("every method on ZsRE and CounterFact at T=100",
-             lambda: _grid(["zsre", "counterfact"], ALL_METHODS, [100])),
+    "t100": ("every method on ZsRE, CounterFact and hallucination at T=100",
+             lambda: _grid(["zsre", "counterfact", "hallucination"], ALL_METHODS, [100])),
     "t1000": ("every method on ZsRE and CounterFact at T=1000 (hours per method on a CPU)",
               lambda: _grid(["zsre", "counterfact"], ALL_METHODS, [1000])),
 }
