@@ -191,3 +191,34 @@ def test_edit_batch_size_must_be_positive():
 
     with pytest.raises(ConfigError, match="edit_batch_size"):
         MemoirConfig(edit_batch_size=0)
+
+
+def test_preconditioned_steps_avoid_earlier_edits_keys(tiny_model):
+    """precondition > 0 multiplies each step by lambda (C + lambda I)^-1, C the earlier edits' keys:
+    a new edit's update barely moves what the memory returns on those keys, and it is still learnt;
+    an editor continuing a stored memory rebuilds the same C from its edits' prompts."""
+    model = tiny_model("llama")
+    before = accuracy(model, find_edit_site(model, 2))
+    moved = {}
+    for precondition in (0.0, 1e-4):
+        editor = make_editor(model, precondition=precondition, protect=0)
+        editor.apply(EDITS[:2])
+        earlier = editor.state.memory.clone()
+        keys = editor._masks_and_keys([e.prompt for e in EDITS[:2]])[1]  # (2, d_in)
+        editor.apply(EDITS[2:])
+        moved[precondition] = float(((editor.state.memory - earlier) @ keys.t()).norm())
+        assert accuracy(model, editor.site, editor.layer()) >= before + 0.2
+    assert moved[0.0] > 0 and moved[1e-4] < 0.05 * moved[0.0]
+
+    continued = MemoirEditor(model, CharTokenizer(), editor.site, editor.config, (), prefixes=editor.prefixes,
+                             state=editor.state)
+    continued.edits = list(editor.edits)
+    continued._preconditioner(editor.state.masks[0].nonzero().squeeze(1))
+    torch.testing.assert_close(continued.key_cov, editor.key_cov)
+
+
+def test_precondition_must_not_be_negative():
+    from memstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precondition"):
+        MemoirConfig(precondition=-1.0)

@@ -25,6 +25,7 @@ class MemoirConfig(ContextConfig):
     protect: int = hyperparameter(4, "earlier edits sharing the most columns with a new edit, kept right while it trains (0: off)")
     background_size: int = hyperparameter(100, "irrelevant prompts whose mean feature is the background subtracted before top-k")
     center: bool = hyperparameter(False, "the memory reads the input minus the background mean (off: the paper's m * a)")
+    precondition: float = hyperparameter(0.0, "lambda as a multiple of the mean eigenvalue of earlier edits' key covariance C; each step is multiplied by lambda (C + lambda I)^-1, away from inputs earlier edits read (0: off)")
     index: str = hyperparameter("flat", "FAISS index over the edit masks: flat (exact) or hnsw (graph, sub-linear)")
     seed: int = hyperparameter(0, "seed of the TopHash permutation")
 
@@ -36,6 +37,8 @@ class MemoirConfig(ContextConfig):
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.max_steps < 1 or self.lr <= 0:
             raise ConfigError("max_steps must be >= 1 and lr > 0")
+        if self.precondition < 0:
+            raise ConfigError(f"precondition must be >= 0, got {self.precondition}")
         if self.edit_batch_size < 1:
             raise ConfigError(f"edit_batch_size must be >= 1, got {self.edit_batch_size}")
         if self.index not in ("flat", "hnsw"):

@@ -9,7 +9,10 @@ edit's mask are state: without them the memory cannot be served. Speed as WISE: 
 above the edited layer runs per step (upper.py), the contexts form one batch, the LM head runs
 on target positions only. `edit_batch_size` > 1 trains that many consecutive edits in one
 optimisation, each row through its own edit's mask (one batch of B small rows costs about what
-one row does on a CPU): our addition for T in the thousands, off by default.
+one row does on a CPU): our addition for T in the thousands, off by default. So is `precondition`:
+each step is multiplied by lambda (C + lambda I)^-1, C the sum of earlier edits' key outer products
+(what the memory reads of their prompts), so that new edits write where earlier ones do not read;
+an editor continuing a stored memory rebuilds C from its edits' prompts (one forward pass each).
 Run: `wisemem eval DATA -T 100 --method memoir`.
 """
 
@@ -74,11 +77,30 @@ class MemoirEditor(SequentialEditor):
                                 torch.randperm(d_in, generator=gen), background)
         self.state = state
         self.edits: list[Edit] = []
+        self.key_cov: torch.Tensor | None = None  # (d_in, d_in) sum of earlier edits' key outer products
         self.loaded_from: str | None = None  # the stored memory object `state` came from, if any
 
     def edit_masks(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self._masks_and_keys(prompts)[0]
+
+    def _masks_and_keys(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopHash masks (B, d_in) and keys (B, d_in): what the memory reads of each prompt's mean input."""
         feats = mean_features(self.model, self.tokenizer, self.site, prompts, self.config.chat_template)
-        return tophash(feats - self.state.background, self.k, self.state.permutation)
+        masks = tophash(feats - self.state.background, self.k, self.state.permutation)
+        read = feats - self.state.background if self.config.center else feats
+        return masks, read * masks
+
+    def _preconditioner(self, cols: torch.Tensor) -> torch.Tensor | None:
+        """lambda (C + lambda I)^-1 on `cols`: 1 where no earlier key reaches, small where many do."""
+        if not self.config.precondition or not self.edits:
+            return None
+        if self.key_cov is None:  # an editor continuing a stored memory: C from its edits' prompts
+            keys = self._masks_and_keys([e.prompt for e in self.edits])[1]
+            self.key_cov = keys.t() @ keys
+        c = self.key_cov[cols.cpu()][:, cols.cpu()].double()
+        lam = self.config.precondition * float(self.key_cov.diagonal().mean())
+        eye = torch.eye(len(cols), dtype=c.dtype)
+        return (lam * torch.linalg.inv(c + lam * eye)).float().to(self.device)
 
     def _edit_batch(self, edits: Sequence[Edit], protected: Sequence[Edit] = ()):
         """Rows: each edit in the 11 contexts (edit after edit), then each protected earlier edit once."""
@@ -114,8 +136,9 @@ class MemoirEditor(SequentialEditor):
     def train_edits(self, layer: MemoirLayer, edits: Sequence[Edit]) -> list[EditStats]:
         """Train `edits` together (one edit: the published sequential step), each through its own mask."""
         cfg, start = self.config, time.perf_counter()
-        masks = self.edit_masks([e.prompt for e in edits])  # (B, d_in)
+        masks, keys = self._masks_and_keys([e.prompt for e in edits])  # (B, d_in) each
         cols = masks.any(0).nonzero().squeeze(1).to(self.device)  # the union of the edits' columns
+        precond = self._preconditioner(cols)
         memory = self.state.memory.to(self.device)
         protected = self._most_overlapping(masks)
         param = layer.start_training(cols, memory[:, cols])
@@ -148,11 +171,15 @@ class MemoirEditor(SequentialEditor):
             # Summed, with the clip grown as for B independent gradients: each edit of a group
             # trains as fast as it would alone (a mean would give each 1/B of its step).
             (per_edit.sum() + held * len(edits)).backward()
+            if precond is not None:
+                param.grad = param.grad @ precond
             torch.nn.utils.clip_grad_norm_([param], cfg.grad_clip * len(edits) ** 0.5)
             opt.step()
         memory[:, cols] = layer.stop_training()
         self.state.memory = memory
         self.state.masks = torch.cat([self.state.masks, masks.cpu()])
+        if self.config.precondition:
+            self.key_cov = keys.t() @ keys + (self.key_cov if self.key_cov is not None else 0)
         self.edits.extend(edits)
         seconds = (time.perf_counter() - start) / len(edits)
         return [EditStats(step, loss, loss, seconds) for loss in losses]
