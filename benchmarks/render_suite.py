@@ -83,24 +83,27 @@ def plot_quality(runs: list[dict], out: Path) -> None:
     methods = sorted({label(r["spec"]) for r in runs if r["spec"]["dataset"] in datasets},
                      key=lambda m: (METHOD_ORDER.index(m.split(" ")[0]), m))
     colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    keys = ("reliability", "generalization", "locality", "seconds_per_edit")
-    titles = ("Reliability", "Generalization", "Locality", "median seconds per edit")
     fig, grid = plt.subplots(len(datasets), 4, figsize=(16, 4.2 * len(datasets) + 1.0), squeeze=False)
     for axes, dataset in zip(grid, datasets):
+        # Hallucination records have no rephrases: its second measure is the corrected passage's perplexity.
+        second = ("perplexity", "perplexity (lower is better)") if dataset == "hallucination" else \
+            ("generalization", "Generalization")
+        keys = ("reliability", second[0], "locality", "seconds_per_edit")
+        titles = ("Reliability", second[1], "Locality", "median seconds per edit")
         for ax, key, title in zip(axes, keys, titles):
             by_method = defaultdict(list)
             for r in runs:
                 if r["spec"]["dataset"] == dataset:
                     by_method[label(r["spec"])].append((r["spec"]["T"], r["result"].get(key)))
             for method in methods:
-                points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None)
+                points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None and v == v)  # not NaN
                 if points:
                     ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=method,
                             color=colour[method])
             ax.set_xscale("log")
             ax.set_xlabel("T (sequential edits)")
             ax.set_title(f"{dataset}: {title}")
-            if key != "seconds_per_edit":
+            if key not in ("perplexity", "seconds_per_edit"):
                 ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
     # Below the panels: inside one it would hide points.
