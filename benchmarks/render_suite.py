@@ -103,7 +103,9 @@ def plot_quality(runs: list[dict], out: Path) -> None:
             ax.set_xscale("log")
             ax.set_xlabel("T (sequential edits)")
             ax.set_title(f"{dataset}: {title}")
-            if key not in ("perplexity", "seconds_per_edit"):
+            if key == "perplexity":
+                ax.set_yscale("log")  # from ~1 (edit learnt) to hundreds (a collapsed model)
+            elif key != "seconds_per_edit":
                 ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
     # Below the panels: inside one it would hide points.
