@@ -214,6 +214,7 @@ def test_preconditioned_steps_avoid_earlier_edits_keys(tiny_model):
                              state=editor.state)
     continued.edits = list(editor.edits)
     continued._preconditioner(editor.state.masks[0].nonzero().squeeze(1))
+    assert continued.key_cov_edits == editor.key_cov_edits == len(EDITS)
     torch.testing.assert_close(continued.key_cov, editor.key_cov)
 
 

@@ -24,6 +24,11 @@ def prompt_features(x: torch.Tensor, positions: torch.Tensor, background: torch.
     return mean - background.to(x.dtype)
 
 
+def memory_input(x: torch.Tensor, background: torch.Tensor, center: bool) -> torch.Tensor:
+    """What W_m reads of the projection's input before its mask: x, or x - background when centred."""
+    return x - background.to(x.dtype) if center else x
+
+
 def tophash(features: torch.Tensor, k: int, permutation: torch.Tensor) -> torch.Tensor:
     """TopHash masks (B, d_in) bool: the k largest |features|, moved through the fixed permutation."""
     idx = features.abs().topk(k, dim=-1).indices  # (B, k)
@@ -75,7 +80,7 @@ class MemoirLayer(MemoryLayer):
         base = self.base_layer(x)  # (B, T, d_out)
         if self.train_slice is not None:
             cols = self.train_cols
-            a = x - self.background.to(x.dtype) if self.center else x
+            a = memory_input(x, self.background, self.center)
             if self.train_row_masks is None:
                 side = torch.matmul(a[..., cols].to(self.train_slice.dtype), self.train_slice.t())
             else:
@@ -91,7 +96,7 @@ class MemoirLayer(MemoryLayer):
             return base
         rows = routed.nonzero().squeeze(1).to(x.device)  # only routed rows pay for the memory
         masks = self.index.masks(match[routed].cpu()).to(x.device)  # (R, d_in)
-        a = x[rows] - self.background.to(x.dtype) if self.center else x[rows]
+        a = memory_input(x[rows], self.background, self.center)
         side = torch.matmul((a * masks[:, None, :].to(x.dtype)).to(self.memory.dtype), self.memory.t())
         return base.index_add(0, rows, side.to(base.dtype))
 

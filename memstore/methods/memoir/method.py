@@ -34,7 +34,7 @@ from ..sequential import SequentialEditor
 from ..upper import UpperStack, module_inputs
 from ..wise.method import EditStats, generate_prefixes
 from .config import MemoirConfig
-from .layer import MemoirLayer, tophash
+from .layer import MemoirLayer, memory_input, tophash
 
 
 @dataclass
@@ -77,7 +77,9 @@ class MemoirEditor(SequentialEditor):
                                 torch.randperm(d_in, generator=gen), background)
         self.state = state
         self.edits: list[Edit] = []
-        self.key_cov: torch.Tensor | None = None  # (d_in, d_in) sum of earlier edits' key outer products
+        # precondition's C: the sum of k k^T over self.edits[:key_cov_edits] (kept as edits are trained)
+        self.key_cov: torch.Tensor | None = None
+        self.key_cov_edits = 0
         self.loaded_from: str | None = None  # the stored memory object `state` came from, if any
 
     def edit_masks(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -87,17 +89,17 @@ class MemoirEditor(SequentialEditor):
         """TopHash masks (B, d_in) and keys (B, d_in): what the memory reads of each prompt's mean input."""
         feats = mean_features(self.model, self.tokenizer, self.site, prompts, self.config.chat_template)
         masks = tophash(feats - self.state.background, self.k, self.state.permutation)
-        read = feats - self.state.background if self.config.center else feats
-        return masks, read * masks
+        return masks, memory_input(feats, self.state.background, self.config.center) * masks
 
     def _preconditioner(self, cols: torch.Tensor) -> torch.Tensor | None:
         """lambda (C + lambda I)^-1 on `cols`: 1 where no earlier key reaches, small where many do."""
         if not self.config.precondition or not self.edits:
             return None
-        if self.key_cov is None:  # an editor continuing a stored memory: C from its edits' prompts
+        if self.key_cov_edits != len(self.edits):  # e.g. an editor continuing a stored memory
             keys = self._masks_and_keys([e.prompt for e in self.edits])[1]
-            self.key_cov = keys.t() @ keys
-        c = self.key_cov[cols.cpu()][:, cols.cpu()].double()
+            self.key_cov, self.key_cov_edits = keys.t() @ keys, len(self.edits)
+        cols = cols.cpu()
+        c = self.key_cov[cols][:, cols].double()
         lam = self.config.precondition * float(self.key_cov.diagonal().mean())
         eye = torch.eye(len(cols), dtype=c.dtype)
         return (lam * torch.linalg.inv(c + lam * eye)).float().to(self.device)
@@ -178,8 +180,9 @@ class MemoirEditor(SequentialEditor):
         memory[:, cols] = layer.stop_training()
         self.state.memory = memory
         self.state.masks = torch.cat([self.state.masks, masks.cpu()])
-        if self.config.precondition:
+        if self.config.precondition and self.key_cov_edits == len(self.edits):
             self.key_cov = keys.t() @ keys + (self.key_cov if self.key_cov is not None else 0)
+            self.key_cov_edits += len(edits)
         self.edits.extend(edits)
         seconds = (time.perf_counter() - start) / len(edits)
         return [EditStats(step, loss, loss, seconds) for loss in losses]
