@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
 METHOD_ORDER = ("wise-merge", "wise-retrieve", "memoir", "ft-l", "grace")
 DATASET_ORDER = ("zsre", "counterfact", "hallucination", "temporal")
+# The quality plot's second panel per dataset: hallucination records have no rephrases, so the
+# corrected passage's perplexity stands in for generalisation.
+SECOND_MEASURE = {"hallucination": ("perplexity", "perplexity (lower is better)")}
 
 
 def load(results: Path) -> list[dict]:
@@ -85,9 +88,7 @@ def plot_quality(runs: list[dict], out: Path) -> None:
     colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     fig, grid = plt.subplots(len(datasets), 4, figsize=(16, 4.2 * len(datasets) + 1.0), squeeze=False)
     for axes, dataset in zip(grid, datasets):
-        # Hallucination records have no rephrases: its second measure is the corrected passage's perplexity.
-        second = ("perplexity", "perplexity (lower is better)") if dataset == "hallucination" else \
-            ("generalization", "Generalization")
+        second = SECOND_MEASURE.get(dataset, ("generalization", "Generalization"))
         keys = ("reliability", second[0], "locality", "seconds_per_edit")
         titles = ("Reliability", second[1], "Locality", "median seconds per edit")
         for ax, key, title in zip(axes, keys, titles):
@@ -96,7 +97,7 @@ def plot_quality(runs: list[dict], out: Path) -> None:
                 if r["spec"]["dataset"] == dataset:
                     by_method[label(r["spec"])].append((r["spec"]["T"], r["result"].get(key)))
             for method in methods:
-                points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None and v == v)  # not NaN
+                points = sorted((t, v) for t, v in by_method.get(method, []) if v is not None and not math.isnan(v))
                 if points:
                     ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=method,
                             color=colour[method])
